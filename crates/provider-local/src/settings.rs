@@ -1,0 +1,78 @@
+//! `plugin_config` of the local provider, and the credentials it takes from the connector.
+
+use std::path::PathBuf;
+
+use podfleet_provider::{ProviderError, SecretString};
+use serde::Deserialize;
+
+/// `[runners.autoscaler.plugin_config]` for `plugin = "local"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSettings {
+    /// Name of the group (the "scale set"); instance users are tagged with it.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Where the provider keeps its sshd, keys and image archives.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Port of the managed sshd on 127.0.0.1; 0 picks a free port once and keeps it.
+    #[serde(default)]
+    pub ssh_port: u16,
+    /// Images of the host's (root's) Podman store that every instance carries, as a VM
+    /// image would. Unset: every image of the host's store.
+    #[serde(default)]
+    pub images: Option<Vec<String>>,
+    /// Upper bound of the group, like a scale set's quota.
+    #[serde(default = "default_max_size")]
+    pub max_size: usize,
+    /// A `registries.conf` drop-in (TOML text) written into each instance, for example to
+    /// point the instance at a pull-through image cache.
+    #[serde(default)]
+    pub registries_conf: Option<String>,
+}
+
+fn default_name() -> String {
+    "local".into()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/podfleet/local")
+}
+fn default_max_size() -> usize {
+    64
+}
+
+impl LocalSettings {
+    pub fn from_plugin_config(
+        config: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, ProviderError> {
+        let settings: LocalSettings =
+            serde_json::from_value(serde_json::Value::Object(config.clone())).map_err(|e| {
+                ProviderError::Config(format!(
+                    "plugin_config of the local provider: {e} (known keys: name, state_dir, \
+                     ssh_port, images, max_size, registries_conf)"
+                ))
+            })?;
+        let valid = !settings.name.is_empty()
+            && settings
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(ProviderError::Config(format!(
+                "plugin_config.name {:?} must be letters, digits, '-' or '_'",
+                settings.name
+            )));
+        }
+        Ok(settings)
+    }
+}
+
+/// Credentials the instances accept, from `[runners.autoscaler.connector_config]`.
+#[derive(Clone, Debug, Default)]
+pub struct InstanceCredentials {
+    /// Password set on each instance user (password authentication).
+    pub password: Option<SecretString>,
+    /// Public key (OpenSSH line) authorized for each instance user. When neither this nor a
+    /// password is given, the provider generates a key pair and hands out the private key.
+    pub authorized_key: Option<String>,
+}
