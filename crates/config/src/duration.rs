@@ -5,7 +5,7 @@ use std::time::Duration;
 const NANOS_PER_UNIT: &[(&str, u128)] = &[
     ("ns", 1),
     ("us", 1_000),
-    ("\u{b5}s", 1_000), // micro sign
+    ("\u{b5}s", 1_000),  // micro sign
     ("\u{3bc}s", 1_000), // greek mu
     ("ms", 1_000_000),
     ("s", 1_000_000_000),
@@ -56,7 +56,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .unwrap_or(after_number.len());
         let (unit, remainder) = after_number.split_at(unit_length);
         if unit.is_empty() {
-            return Err(invalid("a number is missing its unit (ns, us, ms, s, m or h)"));
+            return Err(invalid(
+                "a number is missing its unit (ns, us, ms, s, m or h)",
+            ));
         }
         let Some(&(_, unit_nanos)) = NANOS_PER_UNIT.iter().find(|(name, _)| *name == unit) else {
             return Err(invalid(&format!(
@@ -81,7 +83,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         total_nanos = total_nanos.checked_add(nanos).ok_or_else(too_large)?;
         rest = remainder;
     }
-    let seconds = u64::try_from(total_nanos / 1_000_000_000).map_err(|_| invalid("it is too large"))?;
+    let seconds =
+        u64::try_from(total_nanos / 1_000_000_000).map_err(|_| invalid("it is too large"))?;
     let subsec = u32::try_from(total_nanos % 1_000_000_000).unwrap_or(0);
     Ok(Duration::new(seconds, subsec))
 }

@@ -13,8 +13,11 @@ use toml_edit::{Item, TableLike, Value};
 
 use crate::duration::parse_duration;
 use crate::model::PullPolicy;
+use crate::problem::Position;
 use crate::secret::Secret;
-use crate::walk::{Field, Section, TableView, Walker, defaults, found, found_value, join_path, read_section};
+use crate::walk::{
+    Field, Section, TableView, Walker, defaults, found, found_value, join_path, read_section,
+};
 
 const DURATION_FIX: &str = "use a Go duration such as \"30m0s\", \"1h30m\" or \"10s\"";
 
@@ -79,9 +82,7 @@ pub fn opt_path(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<PathBuf> {
 }
 
 /// A string that must be present and not empty; `example` is shown in the fix.
-pub fn required_string(
-    example: &'static str,
-) -> impl Fn(&mut Walker<'_>, &Field<'_>) -> String {
+pub fn required_string(example: &'static str) -> impl Fn(&mut Walker<'_>, &Field<'_>) -> String {
     move |walker, field| {
         if field.item.is_none() {
             missing(walker, field, example);
@@ -137,13 +138,34 @@ pub fn opt_one_of(
 
 pub const EXECUTOR: &str = "docker-autoscaler";
 
+/// `connector_config.protocol`: podfleet reaches instances over SSH only.
+pub fn connector_protocol(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String> {
+    let protocol = get_str(walker, field)?;
+    if protocol != "ssh" {
+        walker.error(
+            field.at,
+            &field.path,
+            format!(
+                "podfleet connects to instances over ssh only, not {}",
+                shown(protocol)
+            ),
+            "set protocol = \"ssh\" or remove the key".to_owned(),
+        );
+        return None;
+    }
+    Some(protocol.to_owned())
+}
+
 pub fn executor(walker: &mut Walker<'_>, field: &Field<'_>) -> String {
     let executor = required_string("\"docker-autoscaler\"")(walker, field);
     if !executor.is_empty() && executor != EXECUTOR {
         walker.error(
             field.at,
             &field.path,
-            format!("podfleet runs only the {EXECUTOR} executor, not {}", shown(&executor)),
+            format!(
+                "podfleet runs only the {EXECUTOR} executor, not {}",
+                shown(&executor)
+            ),
             format!(
                 "set executor = \"{EXECUTOR}\" and describe the instances in [runners.autoscaler]"
             ),
@@ -152,29 +174,31 @@ pub fn executor(walker: &mut Walker<'_>, field: &Field<'_>) -> String {
     executor
 }
 
+/// Type errors never echo a value (see [`wrong_type`]), so a secret written without quotes is
+/// not repeated back either.
 fn get_secret(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Secret> {
-    field.item?;
-    match value(field) {
-        Some(Value::String(text)) => Some(Secret::new(text.value().clone())),
-        // Never echo the value: a token written without quotes is still a token.
-        _ => {
-            let fix = format!("put the value in quotes: {} = \"...\"", field.key);
-            wrong_type(walker, field, "a string", fix);
-            None
-        }
-    }
+    get_str(walker, field).map(|text| Secret::new(text.to_owned()))
 }
 
 pub fn runner_token(walker: &mut Walker<'_>, field: &Field<'_>) -> Secret {
-    const FIX: &str =
-        "add token = \"glrt-...\", the runner authentication token GitLab showed when the runner was created";
+    const FIX: &str = "add token = \"glrt-...\", the runner authentication token GitLab showed when the runner was created";
     if field.item.is_none() {
-        walker.error(field.at, &field.path, "is missing".to_owned(), FIX.to_owned());
+        walker.error(
+            field.at,
+            &field.path,
+            "is missing".to_owned(),
+            FIX.to_owned(),
+        );
         return Secret::default();
     }
     let token = get_secret(walker, field).unwrap_or_default();
     if token.is_empty() && value(field).is_some_and(Value::is_str) {
-        walker.error(field.at, &field.path, "must not be empty".to_owned(), FIX.to_owned());
+        walker.error(
+            field.at,
+            &field.path,
+            "must not be empty".to_owned(),
+            FIX.to_owned(),
+        );
     }
     token
 }
@@ -183,22 +207,42 @@ pub fn opt_secret(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Secret> 
     get_secret(walker, field)
 }
 
-/// A `host:port` address to listen on.
-pub fn opt_listen_address(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String> {
-    let address = get_str(walker, field)?;
-    let port_ok = address
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
-    if !port_ok {
+/// A string in some format: `is_valid` checks it, `what` names the format in the message and
+/// `example` shows a good value in the fix.
+fn formatted_string(
+    walker: &mut Walker<'_>,
+    field: &Field<'_>,
+    is_valid: fn(&str) -> bool,
+    what: &str,
+    example: &str,
+) -> Option<String> {
+    let text = get_str(walker, field)?;
+    if !is_valid(text) {
         walker.error(
             field.at,
             &field.path,
-            format!("{} is not a host:port address", shown(address)),
-            format!("write {} = \"127.0.0.1:9252\" (host and port)", field.key),
+            format!("{} is not {what}", shown(text)),
+            format!("write {} = {example}", field.key),
         );
         return None;
     }
-    Some(address.to_owned())
+    Some(text.to_owned())
+}
+
+/// A `host:port` address to listen on.
+pub fn opt_listen_address(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String> {
+    let is_host_port = |address: &str| {
+        address
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    };
+    formatted_string(
+        walker,
+        field,
+        is_host_port,
+        "a host:port address",
+        "\"127.0.0.1:9252\"",
+    )
 }
 
 /// A date-time, written by gitlab-runner as a TOML date-time (accepted as a string too).
@@ -208,7 +252,10 @@ pub fn opt_datetime(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String
         Some(Value::Datetime(datetime)) => Some(datetime.value().to_string()),
         Some(Value::String(text)) => Some(text.value().clone()),
         _ => {
-            let fix = format!("write a date-time such as {} = 2025-01-31T12:00:00Z", field.key);
+            let fix = format!(
+                "write a date-time such as {} = 2025-01-31T12:00:00Z",
+                field.key
+            );
             wrong_type(walker, field, "a date-time", fix);
             None
         }
@@ -217,17 +264,8 @@ pub fn opt_datetime(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String
 
 /// Docker's memory sizes: a number with an optional unit, e.g. `"128m"`, `"1.5g"`, `"512MiB"`.
 pub fn opt_memory_size(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String> {
-    let text = get_str(walker, field)?;
-    if !is_memory_size(text) {
-        walker.error(
-            field.at,
-            &field.path,
-            format!("{} is not a memory size", shown(text)),
-            format!("write a number with an optional unit b, k, m or g, e.g. {} = \"512m\"", field.key),
-        );
-        return None;
-    }
-    Some(text.to_owned())
+    let what = "a memory size (a number with an optional unit b, k, m or g)";
+    formatted_string(walker, field, is_memory_size, what, "\"512m\"")
 }
 
 /// Mirrors docker/go-units `RAMInBytes`: `^[0-9]+(\.[0-9]+)? ?([kKmMgGtTpP])?[iI]?[bB]?$`.
@@ -255,14 +293,17 @@ fn is_memory_size(text: &str) -> bool {
 
 /// A CPU count as gitlab-runner reads it (a rational number): `"1.5"`, `"2"`, `"3/2"`.
 pub fn opt_cpus(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String> {
-    let text = get_str(walker, field)?;
+    formatted_string(walker, field, is_cpu_count, "a number of CPUs", "\"1.5\"")
+}
+
+fn is_cpu_count(text: &str) -> bool {
     let is_decimal = |part: &str| {
         !part.is_empty()
             && part.chars().all(|c| c.is_ascii_digit() || c == '.')
             && part.matches('.').count() <= 1
             && part != "."
     };
-    let valid = match text.split_once('/') {
+    match text.split_once('/') {
         Some((numerator, denominator)) => {
             is_decimal(numerator)
                 && !denominator.is_empty()
@@ -270,17 +311,7 @@ pub fn opt_cpus(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<String> {
                 && denominator.chars().any(|c| c != '0')
         }
         None => is_decimal(text),
-    };
-    if !valid {
-        walker.error(
-            field.at,
-            &field.path,
-            format!("{} is not a number of CPUs", shown(text)),
-            format!("write a number such as {} = \"1.5\"", field.key),
-        );
-        return None;
     }
-    Some(text.to_owned())
 }
 
 // ---------------------------------------------------------------- booleans
@@ -290,7 +321,10 @@ fn get_bool(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<bool> {
     match value(field) {
         Some(Value::Boolean(flag)) => Some(*flag.value()),
         _ => {
-            let fix = format!("write {} = true or {} = false, without quotes", field.key, field.key);
+            let fix = format!(
+                "write {} = true or {} = false, without quotes",
+                field.key, field.key
+            );
             wrong_type(walker, field, "a boolean", fix);
             None
         }
@@ -312,7 +346,10 @@ fn get_int(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<i64> {
     match value(field) {
         Some(Value::Integer(number)) => Some(*number.value()),
         _ => {
-            let fix = format!("write a whole number without quotes, e.g. {} = 1", field.key);
+            let fix = format!(
+                "write a whole number without quotes, e.g. {} = 1",
+                field.key
+            );
             wrong_type(walker, field, "an integer", fix);
             None
         }
@@ -368,7 +405,12 @@ pub fn uint_nonzero_or(default: u32) -> impl Fn(&mut Walker<'_>, &Field<'_>) -> 
 pub fn concurrent(walker: &mut Walker<'_>, field: &Field<'_>) -> u32 {
     const FIX: &str = "set concurrent to the number of jobs that may run at once across all runners, e.g. concurrent = 4";
     if field.item.is_none() {
-        walker.error(field.at, &field.path, "is missing".to_owned(), FIX.to_owned());
+        walker.error(
+            field.at,
+            &field.path,
+            "is missing".to_owned(),
+            FIX.to_owned(),
+        );
         return 1;
     }
     match get_int(walker, field).and_then(|number| to_u32(walker, field, number)) {
@@ -396,6 +438,14 @@ pub fn int(walker: &mut Walker<'_>, field: &Field<'_>) -> i64 {
 
 pub fn opt_int(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<i64> {
     get_int(walker, field)
+}
+
+/// An integer where 0, like absence, means `default`.
+pub fn int_nonzero_or(default: i64) -> impl Fn(&mut Walker<'_>, &Field<'_>) -> i64 {
+    move |walker, field| match get_int(walker, field) {
+        Some(0) | None => default,
+        Some(number) => number,
+    }
 }
 
 /// An integer where 0 means "not set" (gitlab-runner's `omitzero`).
@@ -470,27 +520,32 @@ fn number_of(value: &Value) -> Option<f64> {
 }
 
 pub fn non_negative_float(walker: &mut Walker<'_>, field: &Field<'_>) -> f64 {
-    field.item.map_or(0.0, |_| match value(field).and_then(number_of) {
-        Some(number) if number.is_finite() && number >= 0.0 => number,
-        Some(_) => {
-            walker.error(
-                field.at,
-                &field.path,
-                "must be a finite number, 0 or more".to_owned(),
-                format!("set {} to a number such as 0.5", field.key),
-            );
-            0.0
-        }
-        None => {
-            let fix = format!("write a number without quotes, e.g. {} = 0.5", field.key);
-            wrong_type(walker, field, "a number", fix);
-            0.0
-        }
-    })
+    field
+        .item
+        .map_or(0.0, |_| match value(field).and_then(number_of) {
+            Some(number) if number.is_finite() && number >= 0.0 => number,
+            Some(_) => {
+                walker.error(
+                    field.at,
+                    &field.path,
+                    "must be a finite number, 0 or more".to_owned(),
+                    format!("set {} to a number such as 0.5", field.key),
+                );
+                0.0
+            }
+            None => {
+                let fix = format!("write a number without quotes, e.g. {} = 0.5", field.key);
+                wrong_type(walker, field, "a number", fix);
+                0.0
+            }
+        })
 }
 
 pub fn floats(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<f64> {
-    let fix = format!("write a list of numbers, e.g. {} = [1.0, 5.0, 30.0]", field.key);
+    let fix = format!(
+        "write a list of numbers, e.g. {} = [1.0, 5.0, 30.0]",
+        field.key
+    );
     array_elements(walker, field, "an array of numbers", &fix, |value| {
         number_of(value).filter(|number| number.is_finite())
     })
@@ -524,7 +579,12 @@ fn get_go_duration(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Duratio
             None
         }
         _ => {
-            wrong_type(walker, field, "a Go duration string", DURATION_FIX.to_owned());
+            wrong_type(
+                walker,
+                field,
+                "a Go duration string",
+                DURATION_FIX.to_owned(),
+            );
             None
         }
     }
@@ -532,6 +592,16 @@ fn get_go_duration(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Duratio
 
 pub fn go_duration_or(default: Duration) -> impl Fn(&mut Walker<'_>, &Field<'_>) -> Duration {
     move |walker, field| get_go_duration(walker, field).unwrap_or(default)
+}
+
+/// A Go duration where 0 means "not set" and `default` applies (taskscaler's options).
+pub fn go_duration_nonzero_or(
+    default: Duration,
+) -> impl Fn(&mut Walker<'_>, &Field<'_>) -> Duration {
+    move |walker, field| match get_go_duration(walker, field) {
+        Some(duration) if !duration.is_zero() => duration,
+        _ => default,
+    }
 }
 
 pub fn opt_go_duration(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Duration> {
@@ -565,7 +635,10 @@ fn array_elements<T>(
                 walker.error(
                     at,
                     &format!("{}[{index}]", field.path),
-                    format!("must be {expected}, found {} in the array", found_value(element)),
+                    format!(
+                        "must be {expected}, found {} in the array",
+                        found_value(element)
+                    ),
                     fix.to_owned(),
                 );
             }
@@ -579,7 +652,10 @@ fn string_value(value: &Value) -> Option<String> {
 }
 
 pub fn strings(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<String> {
-    let fix = format!("write a list of quoted strings, e.g. {} = [\"a\", \"b\"]", field.key);
+    let fix = format!(
+        "write a list of quoted strings, e.g. {} = [\"a\", \"b\"]",
+        field.key
+    );
     array_elements(walker, field, "an array of strings", &fix, string_value)
 }
 
@@ -588,8 +664,17 @@ pub fn string_or_strings(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<Stri
     match value(field) {
         Some(Value::String(text)) => vec![text.value().clone()],
         _ => {
-            let fix = format!("write {} = \"a\" or {} = [\"a\", \"b\"]", field.key, field.key);
-            array_elements(walker, field, "a string or an array of strings", &fix, string_value)
+            let fix = format!(
+                "write {} = \"a\" or {} = [\"a\", \"b\"]",
+                field.key, field.key
+            );
+            array_elements(
+                walker,
+                field,
+                "a string or an array of strings",
+                &fix,
+                string_value,
+            )
         }
     }
 }
@@ -649,14 +734,27 @@ pub(crate) fn parse_go_bool(text: &str) -> Option<bool> {
 
 pub fn pull_policies(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<PullPolicy> {
     let names = string_or_strings(walker, field);
+    // Point at the offending element of a list, not at the list.
+    let places: Vec<(Position, String)> = match value(field) {
+        Some(Value::Array(array)) => array
+            .iter()
+            .enumerate()
+            .filter(|(_, element)| element.is_str())
+            .map(|(index, element)| {
+                let at = walker.position(element.span(), field.at);
+                (at, format!("{}[{index}]", field.path))
+            })
+            .collect(),
+        _ => vec![(field.at, field.path.clone())],
+    };
     let mut policies = Vec::new();
-    for name in names {
+    for (name, (at, path)) in names.iter().zip(places) {
         match name.parse::<PullPolicy>() {
             Ok(policy) => policies.push(policy),
             Err(()) => walker.error(
-                field.at,
-                &field.path,
-                format!("{} is not a pull policy", shown(&name)),
+                at,
+                &path,
+                format!("{} is not a pull policy", shown(name)),
                 "use always, if-not-present or never".to_owned(),
             ),
         }
@@ -690,7 +788,11 @@ pub fn cron_periods(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<String> {
 
 // ---------------------------------------------------------------- maps
 
-fn get_table<'a>(walker: &mut Walker<'_>, field: &Field<'a>, fix: &str) -> Option<&'a dyn TableLike> {
+fn get_table<'a>(
+    walker: &mut Walker<'_>,
+    field: &Field<'a>,
+    fix: &str,
+) -> Option<&'a dyn TableLike> {
     let item = field.item?;
     match item.as_table_like() {
         Some(table) if !matches!(item, Item::ArrayOfTables(_)) => Some(table),
@@ -738,10 +840,19 @@ pub fn string_map(walker: &mut Walker<'_>, field: &Field<'_>) -> BTreeMap<String
 }
 
 pub fn bool_map(walker: &mut Walker<'_>, field: &Field<'_>) -> BTreeMap<String, bool> {
-    map_entries(walker, field, "a boolean", "FF_NETWORK_PER_BUILD = true", Value::as_bool)
+    map_entries(
+        walker,
+        field,
+        "a boolean",
+        "FF_NETWORK_PER_BUILD = true",
+        Value::as_bool,
+    )
 }
 
-pub fn string_list_map(walker: &mut Walker<'_>, field: &Field<'_>) -> BTreeMap<String, Vec<String>> {
+pub fn string_list_map(
+    walker: &mut Walker<'_>,
+    field: &Field<'_>,
+) -> BTreeMap<String, Vec<String>> {
     map_entries(
         walker,
         field,
@@ -768,7 +879,12 @@ pub fn ulimits(walker: &mut Walker<'_>, field: &Field<'_>) -> BTreeMap<String, S
         field,
         "a string \"soft[:hard]\" of integers",
         "nofile = \"1024:2048\"",
-        |value| value.as_str().filter(|text| is_limit(text)).map(str::to_owned),
+        |value| {
+            value
+                .as_str()
+                .filter(|text| is_limit(text))
+                .map(str::to_owned)
+        },
     )
 }
 
@@ -788,7 +904,7 @@ fn json_of_table(
     walker: &mut Walker<'_>,
     table: &dyn TableLike,
     path: &str,
-    at: crate::problem::Position,
+    at: Position,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut object = serde_json::Map::new();
     for (key, item) in table.iter() {
@@ -796,7 +912,9 @@ fn json_of_table(
         let at = walker.position(item.span(), at);
         let json = match item {
             Item::Value(value) => json_of_value(walker, value, &path, at),
-            Item::Table(table) => serde_json::Value::Object(json_of_table(walker, table, &path, at)),
+            Item::Table(table) => {
+                serde_json::Value::Object(json_of_table(walker, table, &path, at))
+            }
             Item::ArrayOfTables(tables) => serde_json::Value::Array(
                 tables
                     .iter()
@@ -814,7 +932,7 @@ fn json_of_value(
     walker: &mut Walker<'_>,
     value: &Value,
     path: &str,
-    at: crate::problem::Position,
+    at: Position,
 ) -> serde_json::Value {
     match value {
         Value::String(text) => serde_json::Value::String(text.value().clone()),
@@ -844,7 +962,9 @@ fn json_of_value(
                 })
                 .collect(),
         ),
-        Value::InlineTable(table) => serde_json::Value::Object(json_of_table(walker, table, path, at)),
+        Value::InlineTable(table) => {
+            serde_json::Value::Object(json_of_table(walker, table, path, at))
+        }
     }
 }
 
@@ -893,7 +1013,9 @@ pub fn section_list<T: Section>(walker: &mut Walker<'_>, field: &Field<'_>) -> V
         {
             array
                 .iter()
-                .filter_map(|element| Some((element.as_inline_table()? as &dyn TableLike, element.span())))
+                .filter_map(|element| {
+                    Some((element.as_inline_table()? as &dyn TableLike, element.span()))
+                })
                 .collect()
         }
         _ => {
@@ -909,7 +1031,14 @@ pub fn section_list<T: Section>(walker: &mut Walker<'_>, field: &Field<'_>) -> V
             let path = format!("{}[{index}]", field.path);
             let at = walker.position(span, field.at);
             walker.record(&path, at);
-            read_section(walker, &TableView { table: Some(table), path, at })
+            read_section(
+                walker,
+                &TableView {
+                    table: Some(table),
+                    path,
+                    at,
+                },
+            )
         })
         .collect()
 }
@@ -934,6 +1063,16 @@ mod tests {
         }
         for bad in ["", "m", "12x", "1.g", "-1m", "1gg"] {
             assert!(!is_memory_size(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cpu_counts_are_rational_numbers() {
+        for good in ["1", "1.5", "0.25", "3/2", ".5"] {
+            assert!(is_cpu_count(good), "{good}");
+        }
+        for bad in ["", ".", "1.2.3", "two", "1/0", "1/", "-1"] {
+            assert!(!is_cpu_count(bad), "{bad}");
         }
     }
 

@@ -57,7 +57,10 @@ pub(crate) fn read_section<T: Section>(walker: &mut Walker<'_>, table: &TableVie
 /// The value of a section when its table is absent: every reader's default.
 pub(crate) fn defaults<T: Section>() -> T {
     let mut scratch = Walker::new("");
-    T::read_fields(&mut scratch, &TableView::absent(String::new(), Position::START))
+    T::read_fields(
+        &mut scratch,
+        &TableView::absent(String::new(), Position::START),
+    )
 }
 
 pub(crate) struct Walker<'s> {
@@ -308,7 +311,13 @@ mod tests {
 
     #[test]
     fn typos_find_their_key() {
-        let known = ["concurrent", "check_interval", "url", "token", "tls-ca-file"];
+        let known = [
+            "concurrent",
+            "check_interval",
+            "url",
+            "token",
+            "tls-ca-file",
+        ];
         assert_eq!(closest_key("concurent", &known), Some("concurrent"));
         assert_eq!(closest_key("ulr", &known), Some("url"));
         assert_eq!(closest_key("Token", &known), Some("token"));
@@ -320,7 +329,10 @@ mod tests {
     #[test]
     fn odd_keys_are_quoted_in_paths() {
         assert_eq!(join_path("", "concurrent"), "concurrent");
-        assert_eq!(join_path("runners[0]", "tls-ca-file"), "runners[0].tls-ca-file");
+        assert_eq!(
+            join_path("runners[0]", "tls-ca-file"),
+            "runners[0].tls-ca-file"
+        );
         assert_eq!(join_path("a", "b c"), "a.\"b c\"");
     }
 }

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::CoordinatorError;
 use crate::model::{
-    JobRequest, JobResponse, RemoteJobStatus, RunnerInfo, Secret, UpdateJobRequest,
-    VerifyRequest, VerifyResponse, error_message,
+    JobRequest, JobResponse, RemoteJobStatus, RunnerInfo, Secret, UpdateJobRequest, VerifyRequest,
+    VerifyResponse, error_message,
 };
 use crate::retry::{RetryPolicy, is_retryable, wait_before_retry};
 
@@ -172,7 +172,8 @@ pub fn api_base_url(url: &str) -> Result<Url, CoordinatorError> {
     };
     let trimmed = url.trim().trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/ci").unwrap_or(trimmed);
-    let base = Url::parse(&format!("{trimmed}/api/v4/")).map_err(|error| invalid(&error.to_string()))?;
+    let base =
+        Url::parse(&format!("{trimmed}/api/v4/")).map_err(|error| invalid(&error.to_string()))?;
     match base.scheme() {
         "http" | "https" => {}
         other => return Err(invalid(&format!("scheme {other:?} is not http or https"))),
@@ -416,10 +417,14 @@ impl Client {
 
     /// Sends a call, repeating it on retryable statuses, and reads the whole answer.
     async fn send(&self, call: Call<'_>) -> Result<Answer, CoordinatorError> {
-        let url = self.inner.base.join(&call.path).map_err(|error| CoordinatorError::InvalidUrl {
-            url: format!("{}{}", self.inner.base, call.path),
-            reason: error.to_string(),
-        })?;
+        let url =
+            self.inner
+                .base
+                .join(&call.path)
+                .map_err(|error| CoordinatorError::InvalidUrl {
+                    url: format!("{}{}", self.inner.base, call.path),
+                    reason: error.to_string(),
+                })?;
         let url_text = url.to_string();
         let correlation_id = request_id();
         let policy = self.inner.retry;
@@ -496,11 +501,26 @@ mod tests {
     #[test]
     fn base_url_is_fixed_like_gitlab_runner() {
         for (input, expected) in [
-            ("https://gitlab.example.com", "https://gitlab.example.com/api/v4/"),
-            ("https://gitlab.example.com/", "https://gitlab.example.com/api/v4/"),
-            ("https://gitlab.example.com/ci", "https://gitlab.example.com/api/v4/"),
-            ("https://gitlab.example.com/ci/", "https://gitlab.example.com/api/v4/"),
-            ("http://host:8080/gitlab/", "http://host:8080/gitlab/api/v4/"),
+            (
+                "https://gitlab.example.com",
+                "https://gitlab.example.com/api/v4/",
+            ),
+            (
+                "https://gitlab.example.com/",
+                "https://gitlab.example.com/api/v4/",
+            ),
+            (
+                "https://gitlab.example.com/ci",
+                "https://gitlab.example.com/api/v4/",
+            ),
+            (
+                "https://gitlab.example.com/ci/",
+                "https://gitlab.example.com/api/v4/",
+            ),
+            (
+                "http://host:8080/gitlab/",
+                "http://host:8080/gitlab/api/v4/",
+            ),
         ] {
             let base = api_base_url(input).expect(input);
             assert_eq!(base.as_str(), expected, "{input}");
@@ -509,9 +529,17 @@ mod tests {
 
     #[test]
     fn base_url_rejects_other_schemes_and_garbage() {
-        for input in ["ftp://gitlab.example.com", "gitlab.example.com", "", "unix:///x"] {
+        for input in [
+            "ftp://gitlab.example.com",
+            "gitlab.example.com",
+            "",
+            "unix:///x",
+        ] {
             let error = api_base_url(input).expect_err(input);
-            assert!(error.to_string().contains("invalid coordinator url"), "{error}");
+            assert!(
+                error.to_string().contains("invalid coordinator url"),
+                "{error}"
+            );
         }
     }
 
@@ -519,7 +547,10 @@ mod tests {
     fn request_ids_are_32_hex_digits() {
         let id = request_id();
         assert_eq!(id.len(), 32);
-        assert!(id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert_ne!(id, request_id());
     }
 

@@ -8,9 +8,7 @@ pub enum CoordinatorError {
     )]
     InvalidUrl { url: String, reason: String },
 
-    #[error(
-        "{url} answered 403 forbidden: the token is invalid, or the job is no longer running"
-    )]
+    #[error("{url} answered 403 forbidden: the token is invalid, or the job is no longer running")]
     Forbidden { url: String },
 
     #[error("{url} answered 404 not found: the job no longer exists")]

@@ -166,7 +166,10 @@ pub struct RunnerInfo {
     pub architecture: String,
     #[serde(deserialize_with = "null_as_default")]
     pub executor: String,
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub shell: String,
     #[serde(deserialize_with = "null_as_default")]
     pub features: FeaturesInfo,
@@ -219,7 +222,10 @@ fn go_architecture(rust_arch: &str) -> &str {
 pub struct VerifyRequest {
     pub info: RunnerInfo,
     pub token: Secret,
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub system_id: String,
 }
 
@@ -252,7 +258,10 @@ pub struct SessionInfo {
 pub struct JobRequest {
     pub info: RunnerInfo,
     pub token: Secret,
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub system_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_update: Option<String>,
@@ -350,7 +359,10 @@ pub struct GitInfo {
     pub refspecs: Vec<String>,
     #[serde(deserialize_with = "null_as_default")]
     pub depth: u32,
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub repo_object_format: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protected: Option<bool>,
@@ -470,9 +482,15 @@ pub struct ImageVariable {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DockerExecutorOptions {
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub platform: String,
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub user: String,
     #[serde(flatten)]
     pub unsupported: BTreeMap<String, serde_json::Value>,
@@ -482,7 +500,10 @@ pub struct DockerExecutorOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct KubernetesExecutorOptions {
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub user: String,
 }
 
@@ -503,17 +524,35 @@ pub struct Image {
     #[serde(deserialize_with = "null_as_default")]
     pub name: String,
     /// One alias or several separated by `,` or spaces (feature `service_multiple_aliases`).
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub alias: String,
-    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub command: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub entrypoint: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub ports: Vec<Port>,
-    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub variables: Vec<ImageVariable>,
-    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub pull_policy: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub executor_opts: Option<ExecutorOptions>,
@@ -542,7 +581,10 @@ pub struct Artifact {
     pub untracked: Option<bool>,
     #[serde(deserialize_with = "null_as_default")]
     pub paths: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub exclude: Vec<String>,
     #[serde(deserialize_with = "null_as_default")]
     pub when: String,
@@ -616,7 +658,10 @@ pub struct JobFeatures {
     pub trace_sections: bool,
     #[serde(deserialize_with = "null_as_default")]
     pub failure_reasons: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub token_mask_prefixes: Vec<String>,
 }
 
@@ -732,9 +777,15 @@ impl fmt::Display for FailureReason {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TraceOutput {
-    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub checksum: String,
-    #[serde(skip_serializing_if = "is_zero_u64", deserialize_with = "null_as_default")]
+    #[serde(
+        skip_serializing_if = "is_zero_u64",
+        deserialize_with = "null_as_default"
+    )]
     pub bytesize: u64,
 }
 
@@ -879,8 +930,13 @@ mod tests {
         let json = serde_json::to_value(&request).expect("serialises");
         let object = json.as_object().expect("object");
         let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["info", "token", "state", "output"]);
+        assert_eq!(keys, ["info", "output", "state", "token"]);
         assert_eq!(json["output"], serde_json::json!({}));
+        let text = serde_json::to_string(&request).expect("serialises");
+        assert!(
+            text.ends_with(r#""token":"glcbt-x","state":"running","output":{}}"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -86,7 +86,9 @@ mod tests {
         for status in [408, 429, 500, 502, 503, 504, 512, 599] {
             assert!(is_retryable(status), "{status}");
         }
-        for status in [200, 201, 204, 400, 401, 403, 404, 409, 412, 416, 501, 505, 511] {
+        for status in [
+            200, 201, 204, 400, 401, 403, 404, 409, 412, 416, 501, 505, 511,
+        ] {
             assert!(!is_retryable(status), "{status}");
         }
     }

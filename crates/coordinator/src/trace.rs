@@ -288,7 +288,11 @@ impl Uploader {
     }
 
     fn abort(&mut self, status: &str) {
-        tracing::info!(job_id = self.job_id, status, "job aborted by the coordinator");
+        tracing::info!(
+            job_id = self.job_id,
+            status,
+            "job aborted by the coordinator"
+        );
         self.abort_status = Some(status.to_owned());
         self.remote_state.send_replace(RemoteState::Abort);
     }
@@ -371,7 +375,9 @@ impl Uploader {
                             attempts: accepted_repeats,
                         });
                     }
-                    let wait = response.trace_update_interval.unwrap_or(self.update_interval);
+                    let wait = response
+                        .trace_update_interval
+                        .unwrap_or(self.update_interval);
                     tokio::time::sleep(wait).await;
                 }
                 // 200, whatever the Job-Status: the job's end is settled on the server.
@@ -391,7 +397,8 @@ impl Uploader {
                     self.flush().await?;
                 }
                 Err(
-                    error @ (CoordinatorError::Forbidden { .. } | CoordinatorError::NotFound { .. }),
+                    error
+                    @ (CoordinatorError::Forbidden { .. } | CoordinatorError::NotFound { .. }),
                 ) => {
                     self.remote_state.send_replace(RemoteState::Abort);
                     return Err(error);

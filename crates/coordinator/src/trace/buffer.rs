@@ -147,7 +147,10 @@ mod tests {
         let mut buffer = TraceBuffer::new(1024);
         buffer.write(b"a\xffb\xe2\x82");
         buffer.close();
-        assert_eq!(String::from_utf8(contents(&buffer)).expect("utf8"), "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(
+            String::from_utf8(contents(&buffer)).expect("utf8"),
+            "a\u{FFFD}b\u{FFFD}"
+        );
     }
 
     #[test]
