@@ -80,6 +80,18 @@ struct State {
     waiting: usize,
     synced_once: bool,
     shutting_down: bool,
+    /// Instances that failed before becoming ready, in a row; creation backs off on them
+    /// so a broken image or host does not spin up and tear down instances in a loop.
+    creation_failures: u32,
+    creation_paused_until: Option<Instant>,
+}
+
+impl State {
+    fn creation_failed(&mut self, now: Instant) {
+        self.creation_failures += 1;
+        let backoff = Duration::from_secs(1 << self.creation_failures.min(6));
+        self.creation_paused_until = Some(now + backoff);
+    }
 }
 
 struct Inner {
@@ -313,6 +325,7 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
         let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
         let first = !state.synced_once;
         state.synced_once = true;
+        let mut failed_creations = 0;
         for instance in &listed {
             let known = state.instances.contains_key(&instance.id);
             if !known {
@@ -327,7 +340,10 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
             let Some(t) = state.instances.get_mut(&instance.id) else { continue };
             match (&instance.state, t.phase) {
                 (_, Phase::Deleting | Phase::Failed) => {}
-                (InstanceState::Failed { reason }, _) => {
+                (InstanceState::Failed { reason }, phase) => {
+                    if phase == Phase::Creating {
+                        failed_creations += 1;
+                    }
                     t.phase = Phase::Failed;
                     events.push(ScalerEvent::Failed { id: instance.id.clone(), reason: reason.clone() });
                 }
@@ -338,6 +354,7 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 (_, Phase::Creating)
                     if now.saturating_duration_since(t.requested_at) > inner.settings.creation_timeout =>
                 {
+                    failed_creations += 1;
                     t.phase = Phase::Failed;
                     events.push(ScalerEvent::Failed {
                         id: instance.id.clone(),
@@ -363,6 +380,9 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 }
             }
         }
+        for _ in 0..failed_creations {
+            state.creation_failed(now);
+        }
         if state.shutting_down {
             Vec::new()
         } else {
@@ -377,7 +397,11 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                     idle_since: now,
                 });
             }
-            let actions = planner::plan(&views, state.waiting, &inner.settings.policy, &inner.settings.limits, now);
+            let paused = state.creation_paused_until.is_some_and(|until| now < until);
+            let mut actions = planner::plan(&views, state.waiting, &inner.settings.policy, &inner.settings.limits, now);
+            if paused {
+                actions.retain(|a| !matches!(a, Action::Create(_)));
+            }
             for action in &actions {
                 match action {
                     Action::Create(n) => state.unlisted_creations += n,
@@ -466,6 +490,8 @@ async fn check_instance(inner: Arc<Inner>, id: InstanceId) {
         }
         match result {
             Ok(info) => {
+                state.creation_failures = 0;
+                let Some(t) = state.instances.get_mut(&id) else { return };
                 t.phase = Phase::Ready;
                 t.connect_info = Some(info);
                 t.idle_since = Instant::now();
@@ -473,6 +499,7 @@ async fn check_instance(inner: Arc<Inner>, id: InstanceId) {
             }
             Err(reason) => {
                 t.phase = Phase::Failed;
+                state.creation_failed(Instant::now());
                 ScalerEvent::Failed { id: id.clone(), reason }
             }
         }

@@ -181,26 +181,9 @@ fn get_secret(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Secret> {
 }
 
 pub fn runner_token(walker: &mut Walker<'_>, field: &Field<'_>) -> Secret {
-    const FIX: &str = "add token = \"glrt-...\", the runner authentication token GitLab showed when the runner was created";
-    if field.item.is_none() {
-        walker.error(
-            field.at,
-            &field.path,
-            "is missing".to_owned(),
-            FIX.to_owned(),
-        );
-        return Secret::default();
-    }
-    let token = get_secret(walker, field).unwrap_or_default();
-    if token.is_empty() && value(field).is_some_and(Value::is_str) {
-        walker.error(
-            field.at,
-            &field.path,
-            "must not be empty".to_owned(),
-            FIX.to_owned(),
-        );
-    }
-    token
+    let example =
+        "\"glrt-...\" (the runner authentication token GitLab showed when the runner was created)";
+    Secret::new(required_string(example)(walker, field))
 }
 
 pub fn opt_secret(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Secret> {

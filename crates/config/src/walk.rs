@@ -159,7 +159,7 @@ impl<'s> Walker<'s> {
                     at,
                     &path,
                     "unknown key, ignored".to_owned(),
-                    format!("remove it; the keys known here are: {}", known.join(", ")),
+                    "remove it, or check its spelling and section against gitlab-runner's config.toml reference".to_owned(),
                 );
             }
         }

@@ -173,3 +173,47 @@ fn summary_has_one_line_per_runner() {
         ]
     );
 }
+
+#[test]
+fn every_documented_key_is_modelled() {
+    let loaded = load(&data("every-key.toml")).expect("every documented key loads");
+    assert_eq!(loaded.warnings, Vec::new(), "no key is unknown");
+    let config = loaded.config;
+    assert_eq!(config.check_interval, Duration::from_secs(5));
+    assert_eq!(config.connection_max_age, Duration::from_secs(600));
+    assert_eq!(config.log_format.as_deref(), Some("json"));
+    let runner = &config.runners[0];
+    assert_eq!(
+        runner.token_expires_at.as_deref(),
+        Some("2026-01-02T03:04:05Z")
+    );
+    assert_eq!(runner.unhealthy_interval, Duration::from_secs(1800));
+    assert!(!runner.feature_flag("FF_USE_DOCKER_AUTOSCALER_DIAL_STDIO"));
+    let docker = &runner.docker;
+    assert_eq!(
+        docker.pull_policy,
+        [PullPolicy::IfNotPresent, PullPolicy::Always]
+    );
+    assert_eq!(docker.wait_for_services_timeout, -1);
+    assert_eq!(docker.services_limit, Some(2));
+    assert_eq!(docker.services[0].command, ["postgres", "-c", "fsync=off"]);
+    assert_eq!(docker.services_devices["quay.io/podman/*"], ["/dev/fuse"]);
+    assert_eq!(docker.ulimit["nofile"], "1024:2048");
+    assert_eq!(docker.tmpfs["/tmp"], "rw,size=64m");
+    let autoscaler = runner.autoscaler.as_ref().expect("autoscaler");
+    assert_eq!(autoscaler.instance_is_running_time_buckets, [1.0, 2.0]);
+    assert_eq!(autoscaler.scale_throttle.limit, -1);
+    assert_eq!(autoscaler.reservation_throttling, Some(false));
+    assert!(autoscaler.vm_isolation);
+    assert_eq!(
+        autoscaler.plugin_config["nested"],
+        serde_json::json!({
+            "count": 2, "ratio": 0.5, "enabled": true, "at": "2025-01-01T00:00:00Z", "list": [1, "two"]
+        })
+    );
+    assert_eq!(autoscaler.connector_config.protocol_port, Some(2222));
+    let policy = &autoscaler.policy[0];
+    assert_eq!(policy.periods, ["* 7-19 * * mon-fri"]);
+    assert_eq!(policy.scale_factor, 1.5);
+    assert!(!policy.preemptive());
+}

@@ -94,6 +94,34 @@ struct Call<'a> {
     expects_json: bool,
 }
 
+impl<'a> Call<'a> {
+    /// A JSON call authenticated with the runner token (verify, job request).
+    fn runner(path: &str, token: &'a str, body: &impl Serialize) -> Self {
+        Call {
+            method: Method::POST,
+            path: path.to_owned(),
+            query: &[],
+            token_header: Some((RUNNER_TOKEN_HEADER, token)),
+            extra_headers: Vec::new(),
+            body: json_body(body),
+            expects_json: true,
+        }
+    }
+
+    /// A call on a job, authenticated with the job token.
+    fn job(method: Method, path: String, token: &'a str, body: CallBody) -> Self {
+        Call {
+            method,
+            path,
+            query: &[],
+            token_header: Some((JOB_TOKEN_HEADER, token)),
+            extra_headers: Vec::new(),
+            body,
+            expects_json: false,
+        }
+    }
+}
+
 enum CallBody {
     Json(Vec<u8>),
     Text(Vec<u8>),
@@ -263,15 +291,7 @@ impl Client {
             system_id: self.inner.system_id.clone(),
         };
         let answer = self
-            .send(Call {
-                method: Method::POST,
-                path: "runners/verify".to_owned(),
-                query: &[],
-                token_header: Some((RUNNER_TOKEN_HEADER, token)),
-                extra_headers: Vec::new(),
-                body: json_body(&request),
-                expects_json: true,
-            })
+            .send(Call::runner("runners/verify", token, &request))
             .await?;
         match answer.status {
             // Very old servers answer 200 with the text body `200` and no details.
@@ -301,15 +321,7 @@ impl Client {
             session: None,
         };
         let answer = self
-            .send(Call {
-                method: Method::POST,
-                path: "jobs/request".to_owned(),
-                query: &[],
-                token_header: Some((RUNNER_TOKEN_HEADER, token)),
-                extra_headers: Vec::new(),
-                body: json_body(&request),
-                expects_json: true,
-            })
+            .send(Call::runner("jobs/request", token, &request))
             .await?;
         if let Some(value) = answer.header(LAST_UPDATE_HEADER) {
             *last_update = Some(value.to_owned());
@@ -334,17 +346,13 @@ impl Client {
         let mut body = request.clone();
         body.info = self.inner.info.clone();
         body.token = Secret::new(job_token);
-        let answer = self
-            .send(Call {
-                method: Method::PUT,
-                path: format!("jobs/{job_id}"),
-                query: &[],
-                token_header: Some((JOB_TOKEN_HEADER, job_token)),
-                extra_headers: Vec::new(),
-                body: json_body(&body),
-                expects_json: false,
-            })
-            .await?;
+        let call = Call::job(
+            Method::PUT,
+            format!("jobs/{job_id}"),
+            job_token,
+            json_body(&body),
+        );
+        let answer = self.send(call).await?;
         match answer.status {
             200 | 202 => Ok(UpdateResponse {
                 code: answer.status,
@@ -389,17 +397,17 @@ impl Client {
         }
         let end = offset + bytes.len() as u64;
         let query = [("debug_trace", if debug_trace { "true" } else { "false" })];
-        let answer = self
-            .send(Call {
-                method: Method::PATCH,
-                path: format!("jobs/{job_id}/trace"),
-                query: &query,
-                token_header: Some((JOB_TOKEN_HEADER, job_token)),
-                extra_headers: vec![("content-range", format!("{offset}-{}", end - 1))],
-                body: CallBody::Text(bytes.to_vec()),
-                expects_json: false,
-            })
-            .await?;
+        let call = Call {
+            query: &query,
+            extra_headers: vec![("content-range", format!("{offset}-{}", end - 1))],
+            ..Call::job(
+                Method::PATCH,
+                format!("jobs/{job_id}/trace"),
+                job_token,
+                CallBody::Text(bytes.to_vec()),
+            )
+        };
+        let answer = self.send(call).await?;
         match answer.status {
             202 => Ok(PatchResponse::Accepted {
                 new_offset: answer.header("range").and_then(range_end).unwrap_or(end),

@@ -13,4 +13,4 @@ mod trace;
 pub use client::{Client, ClientOptions, PatchResponse, UpdateResponse, api_base_url};
 pub use error::CoordinatorError;
 pub use retry::RetryPolicy;
-pub use trace::{JobOutcome, JobTrace, JobTraceOptions, RemoteState, format_checksum};
+pub use trace::{JobOutcome, JobTrace, JobTraceOptions, RemoteState, TraceWriter, format_checksum};

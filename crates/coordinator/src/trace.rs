@@ -382,20 +382,6 @@ impl Uploader {
                 }
                 // 200, whatever the Job-Status: the job's end is settled on the server.
                 Ok(_) => return Ok(()),
-                Err(error @ CoordinatorError::TraceValidationFailed { .. }) => {
-                    // Feature `trace_reset`: upload the whole log again, then repeat.
-                    failures += 1;
-                    if failures >= self.options.final_update_retry_limit {
-                        return Err(CoordinatorError::FinalUpdateFailed {
-                            job_id: self.job_id,
-                            attempts: failures,
-                            last_error: Box::new(error),
-                        });
-                    }
-                    self.sent_offset = 0;
-                    self.gone = false;
-                    self.flush().await?;
-                }
                 Err(
                     error
                     @ (CoordinatorError::Forbidden { .. } | CoordinatorError::NotFound { .. }),
@@ -411,6 +397,13 @@ impl Uploader {
                             attempts: failures,
                             last_error: Box::new(error),
                         });
+                    }
+                    if let CoordinatorError::TraceValidationFailed { .. } = error {
+                        // Feature `trace_reset`: upload the whole log again, then repeat.
+                        self.sent_offset = 0;
+                        self.gone = false;
+                        self.flush().await?;
+                        continue;
                     }
                     tracing::warn!(job_id = self.job_id, %error, "final update failed; will retry");
                     tokio::time::sleep(exponential_backoff(
@@ -474,6 +467,12 @@ impl JobTrace {
         lock(&self.buffer).write(bytes);
     }
 
+    /// A cloneable appender for output produced away from the owner of this trace (e.g. the
+    /// executor's container streams); it writes into the same log.
+    pub fn writer(&self) -> TraceWriter {
+        TraceWriter(Arc::clone(&self.buffer))
+    }
+
     /// `crc32:%08x` of every byte accepted into the log so far.
     pub fn checksum(&self) -> String {
         let buffer = lock(&self.buffer);
@@ -506,5 +505,17 @@ impl JobTrace {
                 reason: error.to_string(),
             })?;
         uploader.finish(outcome).await
+    }
+}
+
+/// A cheap, cloneable handle that appends to a job's log, for output produced away from the
+/// [`JobTrace`] owner (the executor's container streams).
+#[derive(Clone)]
+pub struct TraceWriter(Arc<Mutex<TraceBuffer>>);
+
+impl TraceWriter {
+    /// Same as [`JobTrace::write`].
+    pub fn write(&self, bytes: &[u8]) {
+        lock(&self.0).write(bytes);
     }
 }

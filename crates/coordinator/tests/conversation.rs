@@ -503,3 +503,30 @@ async fn unsupported_failure_reasons_are_mapped_in_the_final_update() {
         serde_json::json!({"checksum": "crc32:00000000"})
     );
 }
+
+#[tokio::test]
+async fn writers_append_to_the_same_log() {
+    let server = ScriptedServer::start(vec![
+        Reply::status(202).header("Range", "0-11"),
+        Reply::status(200).header("Job-Status", "success"),
+    ])
+    .await;
+    // No periodic upload: everything goes out in the final flush, in one patch.
+    let options = JobTraceOptions {
+        update_interval: Duration::from_secs(3600),
+        ..fast_trace_options()
+    };
+    let trace = JobTrace::start(client(&server), 13, "job-token", options);
+    let writer = trace.writer();
+    trace.write(b"owner ");
+    tokio::spawn(async move { writer.write(b"task\n") })
+        .await
+        .expect("writer task");
+    trace.finish(JobOutcome::Success).await.expect("finishes");
+    let requests = server.requests();
+    assert_eq!(requests[0].body, b"owner task\n");
+    assert_eq!(
+        requests[1].json()["output"]["checksum"],
+        format_checksum(crc32fast::hash(b"owner task\n")).as_str()
+    );
+}

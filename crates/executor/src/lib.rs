@@ -117,8 +117,13 @@ impl Executor {
                 labels: Some(resources.labels()),
                 ..Default::default()
             };
-            if let Err(e) = self.docker.create_network(request).await {
-                return JobOutcome::SystemFailure(format!("create network {}: {e}", resources.network));
+            match self.docker.create_network(request).await {
+                Ok(_) => {}
+                // The name is unique to this job: if it exists, a retried request made it.
+                Err(e) if e.to_string().contains("already") => {}
+                Err(e) => {
+                    return JobOutcome::SystemFailure(format!("create network {}: {e}", resources.network));
+                }
             }
             resources.network_created.store(true, std::sync::atomic::Ordering::SeqCst);
         }

@@ -152,7 +152,10 @@ fn format_problems(problems: &[PipelineProblem]) -> String {
     match problems {
         [single] => single.to_string(),
         many => {
-            let lines: Vec<String> = many.iter().map(|problem| format!("  - {problem}")).collect();
+            let lines: Vec<String> = many
+                .iter()
+                .map(|problem| format!("  - {problem}"))
+                .collect();
             format!("{} problems:\n{}", many.len(), lines.join("\n"))
         }
     }
@@ -237,7 +240,11 @@ pub fn parse_pipeline(text: &str, origin: &str) -> Result<Pipeline, PipelineErro
             None
         }
         _ => {
-            parser.problem(None, "", "the top level must be a mapping of keys to values");
+            parser.problem(
+                None,
+                "",
+                "the top level must be a mapping of keys to values",
+            );
             None
         }
     };
@@ -255,7 +262,10 @@ pub fn parse_pipeline(text: &str, origin: &str) -> Result<Pipeline, PipelineErro
 
 fn parse_top_level(parser: &mut Parser, top: &Mapping) -> Option<Pipeline> {
     let stages = match top.get("stages") {
-        None => DEFAULT_STAGES.iter().map(|stage| stage.to_string()).collect(),
+        None => DEFAULT_STAGES
+            .iter()
+            .map(|stage| stage.to_string())
+            .collect(),
         Some(value) => match string_list(value) {
             Ok(stages) => stages,
             Err(message) => {
@@ -305,7 +315,11 @@ fn parse_top_level(parser: &mut Parser, top: &Mapping) -> Option<Pipeline> {
                 if IGNORED_DEFAULT_KEYS.contains(&key.as_str()) {
                     parser.warn(None, &format!("default:{key}"));
                 } else {
-                    parser.problem(None, "default", format!("default has an unknown key {key:?}"));
+                    parser.problem(
+                        None,
+                        "default",
+                        format!("default has an unknown key {key:?}"),
+                    );
                 }
             }
             apply_default_keys(parser, default, &mut defaults, Some("default"));
@@ -550,7 +564,9 @@ fn parse_image(value: &Value) -> Result<ImageSpec, String> {
             };
             let entrypoint = match image.get("entrypoint") {
                 None => Vec::new(),
-                Some(value) => string_list(value).map_err(|message| format!("entrypoint {message}"))?,
+                Some(value) => {
+                    string_list(value).map_err(|message| format!("entrypoint {message}"))?
+                }
             };
             Ok(ImageSpec { name, entrypoint })
         }
@@ -561,7 +577,11 @@ fn parse_image(value: &Value) -> Result<ImageSpec, String> {
 fn parse_variables(parser: &mut Parser, job: Option<&str>, value: &Value) -> Vec<Variable> {
     let Value::Mapping(entries) = value else {
         if !value.is_null() {
-            parser.problem(job, "variables", "variables must be a mapping of names to values");
+            parser.problem(
+                job,
+                "variables",
+                "variables must be a mapping of names to values",
+            );
         }
         return Vec::new();
     };
@@ -609,7 +629,9 @@ fn string_list(value: &Value) -> Result<Vec<String>, String> {
             Ok(lines)
         }
         Value::Tagged(_) => Err(tag_unsupported()),
-        other => scalar_text(other).map(|line| vec![line]).ok_or_else(not_strings),
+        other => scalar_text(other)
+            .map(|line| vec![line])
+            .ok_or_else(not_strings),
     }
 }
 
@@ -647,7 +669,10 @@ mod tests {
     #[test]
     fn default_stages_wrap_pre_and_post() {
         let pipeline = parse("job:\n  script: echo hi\n");
-        assert_eq!(pipeline.stages, [".pre", "build", "test", "deploy", ".post"]);
+        assert_eq!(
+            pipeline.stages,
+            [".pre", "build", "test", "deploy", ".post"]
+        );
         assert_eq!(pipeline.jobs[0].stage, "test");
         assert_eq!(pipeline.jobs[0].script, ["echo hi"]);
         assert_eq!(pipeline.jobs[0].when, When::OnSuccess);
@@ -693,7 +718,10 @@ overrides:
         assert_eq!(inherits.after_script, ["echo bye"]);
         assert_eq!(inherits.tags, ["podman"]);
         let overrides = &pipeline.jobs[1];
-        assert_eq!(overrides.image.as_ref().map(|image| image.name.as_str()), Some("debian:12"));
+        assert_eq!(
+            overrides.image.as_ref().map(|image| image.name.as_str()),
+            Some("debian:12")
+        );
         assert!(overrides.before_script.is_empty());
         assert_eq!(overrides.after_script, ["echo mine"]);
         assert_eq!(overrides.tags, ["pinp", "podman"]);
@@ -787,7 +815,9 @@ real:
 
     #[test]
     fn ignored_keywords_become_warnings() {
-        let pipeline = parse("job:\n  script: x\n  artifacts:\n    paths: [out]\n  rules:\n    - when: always\n");
+        let pipeline = parse(
+            "job:\n  script: x\n  artifacts:\n    paths: [out]\n  rules:\n    - when: always\n",
+        );
         assert_eq!(
             pipeline.warnings,
             [
@@ -800,7 +830,10 @@ real:
     #[test]
     fn yaml_syntax_errors_name_the_file() {
         let text = error("job: [unclosed\n");
-        assert!(text.starts_with(".gitlab-ci.yml: not valid YAML:"), "{text}");
+        assert!(
+            text.starts_with(".gitlab-ci.yml: not valid YAML:"),
+            "{text}"
+        );
         assert_eq!(error(""), ".gitlab-ci.yml: the file is empty");
         assert!(error(".hidden:\n  script: x\n").contains("no visible jobs"));
     }

@@ -146,6 +146,23 @@ pub fn mounts_below(roots: &[&Path]) -> Vec<PathBuf> {
     found
 }
 
+/// The first process whose command line (NUL-separated arguments) matches.
+pub fn find_process(matches: impl Fn(&[String]) -> bool) -> Option<i32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            matches(&args)
+        })
+}
+
 /// Whether a process with this pid is alive.
 pub fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

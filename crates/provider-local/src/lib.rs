@@ -200,10 +200,12 @@ impl Creation {
             std::fs::write(&path, format!("{key}\n")).map_err(|e| e.to_string())?;
         }
         let run_dir = runtime_dir(account.uid);
-        std::fs::create_dir_all(&run_dir).map_err(|e| e.to_string())?;
-        std::os::unix::fs::chown(&run_dir, Some(account.uid), Some(account.gid))
-            .map_err(|e| e.to_string())?;
-        set_mode(&run_dir, 0o700).map_err(|e| e.to_string())?;
+        for dir in [run_dir.clone(), run_dir.join("podman")] {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            std::os::unix::fs::chown(&dir, Some(account.uid), Some(account.gid))
+                .map_err(|e| e.to_string())?;
+            set_mode(&dir, 0o700).map_err(|e| e.to_string())?;
+        }
         if let Some(conf) = &self.settings.registries_conf {
             let path = account.home.join(".config/containers/registries.conf.d");
             self.as_user(&account, "mkdir", &["-p", &path.to_string_lossy()]).await?;
@@ -454,6 +456,16 @@ impl Provider for LocalProvider {
             });
         }
         Ok(accepted)
+    }
+
+    /// Stops the managed sshd once the group is empty, so a drained group leaves nothing
+    /// running on the host.
+    async fn shutdown(&self) {
+        match self.stop_sshd_if_empty().await {
+            Ok(true) => tracing::info!(group = %self.settings.name, "managed sshd stopped"),
+            Ok(false) => tracing::info!(group = %self.settings.name, "instances remain; managed sshd kept"),
+            Err(e) => tracing::warn!(error = %e, "cannot list instances at shutdown"),
+        }
     }
 
     async fn connect_info(&self, id: &InstanceId) -> Result<ConnectInfo, ProviderError> {

@@ -96,9 +96,20 @@ impl Sshd {
         })
     }
 
+    /// The listener of this group's sshd: from the pid file, or (when the file is gone) by
+    /// its command line, so a stale daemon is always found and replaced.
     fn running_pid(&self) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()?;
-        host::pid_alive(pid).then_some(pid)
+        let from_file = std::fs::read_to_string(self.pid_file())
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+            .filter(|pid| host::pid_alive(*pid));
+        from_file.or_else(|| {
+            let config = self.dir.join("sshd_config");
+            host::find_process(|cmdline| {
+                cmdline.first().is_some_and(|arg| arg.ends_with("sshd"))
+                    && cmdline.iter().any(|arg| std::path::Path::new(arg) == config)
+            })
+        })
     }
 
     /// Stops the sshd and forgets its pid file.
@@ -133,8 +144,8 @@ impl Sshd {
              KbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\n\
              AuthorizedKeysFile {dir}/authorized_keys/%u\n\
-             AllowStreamLocalForwarding local\n\
-             AllowTcpForwarding no\n\
+             AllowStreamLocalForwarding yes\n\
+             AllowTcpForwarding local\n\
              X11Forwarding no\n\
              PermitTTY no\n\
              MaxSessions 128\n\

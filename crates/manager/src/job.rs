@@ -1,0 +1,286 @@
+//! One job from payload to final update: trace, instance acquisition, connection, the
+//! executor run, release of the instance, and the result reported to the coordinator.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use podfleet_autoscaler::Autoscaler;
+use podfleet_config::RunnerConfig;
+use podfleet_connector::Connection;
+use podfleet_coordinator::model::{FailureReason, JobResponse, JobState, StepWhen, UpdateJobRequest};
+use podfleet_coordinator::{Client, JobOutcome as FinalOutcome, JobTrace, JobTraceOptions, RemoteState};
+use podfleet_executor::{Executor, JobOutcome, JobSpec, TraceSink, Variable};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::mask::Masker;
+use crate::{ManagerEvent, session};
+
+const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(7200);
+
+/// The result of one job as the manager saw it.
+#[derive(Clone, Debug)]
+pub struct JobReport {
+    pub runner: String,
+    pub job_id: u64,
+    pub job_name: String,
+    pub instance: Option<String>,
+    pub outcome: JobOutcome,
+}
+
+pub(crate) struct RunnerContext {
+    pub config: RunnerConfig,
+    pub client: Client,
+    pub scaler: Autoscaler,
+    pub events: broadcast::Sender<ManagerEvent>,
+    pub cancel: CancellationToken,
+}
+
+impl RunnerContext {
+    pub async fn run_job(&self, payload: JobResponse) {
+        let job_id = payload.id;
+        let job_name = payload.job_info.name.clone();
+        let _ = self.events.send(ManagerEvent::JobReceived {
+            runner: self.config.name.clone(),
+            job_id,
+            job_name: job_name.clone(),
+        });
+        // Two-phase commit: accept the job before doing anything for it.
+        let accept = UpdateJobRequest::new(self.client.info().clone(), payload.token.expose(), JobState::Running);
+        if let Err(e) = self.client.update_job(job_id, payload.token.expose(), &accept).await {
+            tracing::warn!(job_id, error = %e, "accepting the job failed; dropping it");
+            return;
+        }
+        let trace = JobTrace::start(
+            self.client.clone(),
+            job_id,
+            payload.token.expose(),
+            JobTraceOptions::for_job(&payload),
+        );
+        let masker = Arc::new(Mutex::new(Masker::new(
+            payload.variables.iter().filter(|v| v.masked).map(|v| v.value.clone()),
+        )));
+        let sink: TraceSink = {
+            let writer = trace.writer();
+            let masker = masker.clone();
+            Arc::new(move |bytes: &[u8]| {
+                if let Ok(mut masker) = masker.lock() {
+                    writer.write(&masker.write(bytes));
+                }
+            })
+        };
+        sink(
+            format!(
+                "\x1b[0KRunning with podfleet {} (gitlab-runner compatible)\n\x1b[0K  on {} {}, system ID: {}\n",
+                env!("CARGO_PKG_VERSION"),
+                self.config.name,
+                self.config.short_token(),
+                self.client.system_id()
+            )
+            .as_bytes(),
+        );
+        let cancel = self.cancel.child_token();
+        let remote = watch_remote(trace.remote_state(), cancel.clone());
+        let (instance, outcome) = self.execute(&payload, sink.clone(), cancel.clone()).await;
+        remote.abort();
+        let final_line = match &outcome {
+            JobOutcome::Success => "\x1b[32;1mJob succeeded\x1b[0;m\n".to_string(),
+            JobOutcome::ScriptFailure { exit_code } => {
+                format!("\x1b[31;1mERROR: Job failed: exit code {exit_code}\x1b[0;m\n")
+            }
+            JobOutcome::ImagePullFailure(reason) | JobOutcome::SystemFailure(reason) => {
+                format!("\x1b[31;1mERROR: Job failed (system failure): {reason}\x1b[0;m\n")
+            }
+            JobOutcome::Canceled => "\x1b[31;1mERROR: Job failed: canceled\x1b[0;m\n".to_string(),
+            JobOutcome::TimedOut => "\x1b[31;1mERROR: Job failed: execution took longer than the job timeout\x1b[0;m\n".to_string(),
+        };
+        sink(final_line.as_bytes());
+        if let Ok(mut masker) = masker.lock() {
+            let rest = masker.flush();
+            trace.write(&rest);
+        }
+        let final_outcome = match &outcome {
+            JobOutcome::Success => FinalOutcome::Success,
+            JobOutcome::ScriptFailure { exit_code } => FinalOutcome::Failed {
+                reason: FailureReason::ScriptFailure,
+                exit_code: i32::try_from(*exit_code).ok(),
+            },
+            JobOutcome::ImagePullFailure(_) => {
+                FinalOutcome::Failed { reason: FailureReason::ImagePullFailure, exit_code: None }
+            }
+            JobOutcome::SystemFailure(_) => {
+                FinalOutcome::Failed { reason: FailureReason::RunnerSystemFailure, exit_code: None }
+            }
+            JobOutcome::Canceled => FinalOutcome::Failed { reason: FailureReason::JobCanceled, exit_code: None },
+            JobOutcome::TimedOut => {
+                FinalOutcome::Failed { reason: FailureReason::JobExecutionTimeout, exit_code: None }
+            }
+        };
+        if let Err(e) = trace.finish(final_outcome).await {
+            tracing::warn!(job_id, error = %e, "final job update failed");
+        }
+        let _ = self.events.send(ManagerEvent::JobFinished(JobReport {
+            runner: self.config.name.clone(),
+            job_id,
+            job_name,
+            instance,
+            outcome,
+        }));
+    }
+
+    /// Acquires an instance and runs the job on it; returns the instance used.
+    async fn execute(
+        &self,
+        payload: &JobResponse,
+        sink: TraceSink,
+        cancel: CancellationToken,
+    ) -> (Option<String>, JobOutcome) {
+        let spec = match job_spec(&self.config, payload) {
+            Ok(spec) => spec,
+            Err(reason) => return (None, JobOutcome::SystemFailure(reason)),
+        };
+        let acquire_timeout = self
+            .config
+            .autoscaler
+            .as_ref()
+            .map_or(Duration::from_secs(900), |a| a.instance_acquire_timeout);
+        say(&sink, "Preparing the \"docker-autoscaler\" executor");
+        let acquisition = tokio::select! {
+            acquired = self.scaler.acquire(acquire_timeout) => match acquired {
+                Ok(acquisition) => acquisition,
+                Err(e) => return (None, JobOutcome::SystemFailure(e.to_string())),
+            },
+            _ = cancel.cancelled() => return (None, JobOutcome::Canceled),
+        };
+        let instance = acquisition.instance.to_string();
+        let _ = self.events.send(ManagerEvent::JobOnInstance {
+            runner: self.config.name.clone(),
+            job_id: payload.id,
+            instance: instance.clone(),
+        });
+        say(&sink, &format!("Dialing instance {instance}..."));
+        let connected = async {
+            let options = session::connect_options(&self.config, &acquisition.connect_info)
+                .map_err(|e| e.to_string())?;
+            let connection = Connection::connect(&options).await.map_err(|e| e.to_string())?;
+            let tunnel = session::docker_tunnel(&self.config, &acquisition.connect_info)
+                .map_err(|e| e.to_string())?;
+            let executor = Executor::connect(connection.clone(), tunnel)
+                .await
+                .map_err(|e| format!("container engine on {instance}: {e}"))?;
+            Ok::<_, String>((connection, executor))
+        }
+        .await;
+        let (connection, executor) = match connected {
+            Ok(pair) => pair,
+            Err(reason) => {
+                // An instance we cannot reach is no capacity: replace it.
+                self.scaler.release(&acquisition, false);
+                let outcome = JobOutcome::SystemFailure(format!("instance {instance} unreachable: {reason}"));
+                return (Some(instance), outcome);
+            }
+        };
+        say(&sink, &format!("Instance {instance} connected (job {} of this instance)", acquisition.use_number));
+        let outcome = executor.run(&spec, &self.config.docker, sink, cancel).await;
+        connection.close().await;
+        let healthy = !matches!(outcome, JobOutcome::SystemFailure(_));
+        self.scaler.release(&acquisition, healthy);
+        (Some(instance), outcome)
+    }
+}
+
+/// Cancels the job when the coordinator says so.
+fn watch_remote(
+    mut remote: tokio::sync::watch::Receiver<RemoteState>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if *remote.borrow_and_update() != RemoteState::Running {
+                cancel.cancel();
+                return;
+            }
+            if remote.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn say(sink: &TraceSink, line: &str) {
+    sink(format!("\x1b[0K\x1b[36;1m{line}\x1b[0;m\n").as_bytes());
+}
+
+/// Turns the coordinator's payload into what the executor runs. A payload the executor
+/// cannot run fails that job with a reason, never the manager.
+fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, String> {
+    let image = payload
+        .image
+        .as_ref()
+        .map(|i| i.name.clone())
+        .filter(|name| !name.is_empty())
+        .or_else(|| runner.docker.image.clone())
+        .ok_or("the job names no image and [runners.docker] image is not set")?;
+    let mut script = Vec::new();
+    let mut after_script = Vec::new();
+    for step in &payload.steps {
+        match (step.name.as_str(), step.when) {
+            ("after_script", _) => after_script.extend(step.script.iter().cloned()),
+            (_, StepWhen::OnSuccess) => script.extend(step.script.iter().cloned()),
+            (name, when) => return Err(format!("step {name:?} with when {when:?} is not supported yet")),
+        }
+    }
+    if script.is_empty() {
+        return Err("the job has no script step".into());
+    }
+    let project = if payload.job_info.project_full_path.is_empty() {
+        format!("project-{}", payload.job_info.project_id)
+    } else {
+        payload.job_info.project_full_path.clone()
+    };
+    let builds_dir = runner.builds_dir.clone().unwrap_or_else(|| "/builds".into());
+    let project_dir = format!("{builds_dir}/{project}");
+    let timeout = match payload.runner_info.timeout {
+        t if t > 0 => Duration::from_secs(t as u64),
+        _ => DEFAULT_JOB_TIMEOUT,
+    };
+    let mut variables: Vec<Variable> = Vec::new();
+    let mut set = |key: &str, value: &str, file: bool| {
+        variables.retain(|v| v.key != key);
+        variables.push(Variable { key: key.into(), value: value.into(), file });
+    };
+    set("CI_RUNNER_SHORT_TOKEN", &runner.short_token(), false);
+    for entry in &runner.environment {
+        if let Some((key, value)) = entry.split_once('=') {
+            set(key, value, false);
+        }
+    }
+    set("CI_BUILDS_DIR", &builds_dir, false);
+    set("CI_PROJECT_DIR", &project_dir, false);
+    set("CI_SERVER", "yes", false);
+    set("CI_JOB_STATUS", "running", false);
+    set("CI_JOB_TIMEOUT", &timeout.as_secs().to_string(), false);
+    set("CI_JOB_IMAGE", &image, false);
+    for variable in &payload.variables {
+        set(&variable.key, &variable.value, variable.file);
+    }
+    set("CI_DISPOSABLE_ENVIRONMENT", "true", false);
+    set("CI_RUNNER_VERSION", env!("CARGO_PKG_VERSION"), false);
+    set("CI_RUNNER_EXECUTABLE_ARCH", &format!("linux/{}", std::env::consts::ARCH), false);
+    let network_per_build = runner.feature_flag("FF_NETWORK_PER_BUILD");
+    if network_per_build {
+        set("CI_BUILD_NETWORK_NAME", &format!("podfleet-job-{}-network", payload.id), false);
+    }
+    Ok(JobSpec {
+        job_id: payload.id,
+        name: payload.job_info.name.clone(),
+        image,
+        entrypoint: payload.image.as_ref().map(|i| i.entrypoint.clone()).filter(|e| !e.is_empty()),
+        project_dir,
+        variables,
+        script,
+        after_script,
+        network_per_build,
+        timeout,
+    })
+}
