@@ -102,10 +102,10 @@ build_pinp() {
   if [ ! -s "$tarball" ]; then
     log "building the Podman-in-Podman root filesystem with mmdebstrap (about a minute)"
     mmdebstrap --quiet --format=tar --variant=minbase \
-      --include=podman,crun,runc,uidmap,fuse-overlayfs,ca-certificates,iproute2 \
+      --include=podman,crun,runc,uidmap,fuse-overlayfs,ca-certificates,iproute2,busybox-static \
       --customize-hook='mkdir -p "$1/etc/containers"' \
       --customize-hook='printf "[containers]\ncgroups = \"disabled\"\nnetns = \"host\"\ndefault_ulimits = []\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nruntime = \"crun\"\n" > "$1/etc/containers/containers.conf"' \
-      --customize-hook='printf "[storage]\ndriver = \"vfs\"\n" > "$1/etc/containers/storage.conf"' \
+      --customize-hook='printf "[storage]\ndriver = \"vfs\"\nrunroot = \"/run/containers/storage\"\ngraphroot = \"/var/lib/containers/storage\"\n" > "$1/etc/containers/storage.conf"' \
       --customize-hook='rm -rf "$1/var/cache/apt/archives"/*.deb "$1/var/lib/apt/lists"/*' \
       bookworm "$tarball.part" http://deb.debian.org/debian
     mv "$tarball.part" "$tarball"
