@@ -55,7 +55,10 @@ impl Tunnel {
     /// `FF_USE_DOCKER_AUTOSCALER_DIAL_STDIO` the Docker CLI's `dial-stdio` on the instance.
     pub fn for_docker_host(host: &str, dial_stdio: bool) -> Result<Tunnel, ConnectError> {
         if dial_stdio {
-            return Ok(Tunnel::Command(format!("docker -H {} system dial-stdio", shell_quote(host))));
+            return Ok(Tunnel::Command(format!(
+                "docker -H {} system dial-stdio",
+                shell_quote(host)
+            )));
         }
         match host.strip_prefix("unix://") {
             Some(path) if path.starts_with('/') => Ok(Tunnel::Socket(path.to_string())),
@@ -81,7 +84,11 @@ pub enum ConnectError {
     )]
     HostKeyMismatch { addr: String },
     #[error("ssh authentication as {user} at {addr} failed: {message}")]
-    Auth { user: String, addr: String, message: String },
+    Auth {
+        user: String,
+        addr: String,
+        message: String,
+    },
     #[error("ssh channel to {addr}: {message}")]
     Channel { addr: String, message: String },
     #[error("{0}")]
@@ -111,7 +118,8 @@ impl client::Handler for ClientHandler {
         server_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         let PublicKeyOrCertificate::PublicKey { key, .. } = server_key else {
-            self.mismatch.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.mismatch
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             return Ok(false);
         };
         let accepted = match &self.check {
@@ -128,7 +136,8 @@ impl client::Handler for ClientHandler {
             }
         };
         if !accepted {
-            self.mismatch.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.mismatch
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(accepted)
     }
@@ -156,7 +165,9 @@ impl Connection {
         loop {
             match Self::connect_once(options).await {
                 Ok(connection) => return Ok(connection),
-                Err(error @ ConnectError::Unreachable { .. }) if Instant::now() + delay < deadline => {
+                Err(error @ ConnectError::Unreachable { .. })
+                    if Instant::now() + delay < deadline =>
+                {
                     tracing::debug!(%error, "ssh not reachable yet; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -190,9 +201,17 @@ impl Connection {
             Ok(Err(_)) if mismatch.load(std::sync::atomic::Ordering::SeqCst) => {
                 return Err(ConnectError::HostKeyMismatch { addr });
             }
-            Ok(Err(e)) => return Err(ConnectError::Unreachable { addr, message: e.to_string() }),
+            Ok(Err(e)) => {
+                return Err(ConnectError::Unreachable {
+                    addr,
+                    message: e.to_string(),
+                });
+            }
             Err(_) => {
-                return Err(ConnectError::Unreachable { addr, message: "connect timed out".into() });
+                return Err(ConnectError::Unreachable {
+                    addr,
+                    message: "connect timed out".into(),
+                });
             }
         };
         let auth_error = |message: String| ConnectError::Auth {
@@ -218,7 +237,10 @@ impl Connection {
                 .await
                 .map_err(|e| auth_error(e.to_string()))?;
             if result == AuthResult::Success {
-                return Ok(Connection { handle: Arc::new(handle), addr });
+                return Ok(Connection {
+                    handle: Arc::new(handle),
+                    addr,
+                });
             }
         }
         if let Some(password) = &options.password {
@@ -228,7 +250,10 @@ impl Connection {
                 .await
                 .map_err(|e| auth_error(e.to_string()))?;
             if result == AuthResult::Success {
-                return Ok(Connection { handle: Arc::new(handle), addr });
+                return Ok(Connection {
+                    handle: Arc::new(handle),
+                    addr,
+                });
             }
         }
         Err(auth_error(if tried.is_empty() {
@@ -260,7 +285,10 @@ impl Connection {
             .channel_open_session()
             .await
             .map_err(|e| channel_error(e.to_string()))?;
-        channel.exec(true, command).await.map_err(|e| channel_error(e.to_string()))?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| channel_error(e.to_string()))?;
         let mut output = ExecOutput::default();
         let mut status = None;
         while let Some(message) = channel.wait().await {
@@ -324,7 +352,12 @@ fn split_host_port(addr: &str) -> Result<(String, u16), ConnectError> {
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.ends_with(':') => {
             let port = port.parse().map_err(|_| unsupported())?;
-            Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+            Ok((
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                port,
+            ))
         }
         Some(_) => Err(unsupported()),
         None => Ok((addr.to_string(), 22)),
@@ -346,12 +379,20 @@ mod tests {
             Tunnel::Command("docker -H 'unix:///run/x.sock' system dial-stdio".into())
         );
         let error = Tunnel::for_docker_host("tcp://1.2.3.4:2375", false).unwrap_err();
-        assert!(error.to_string().contains("FF_USE_DOCKER_AUTOSCALER_DIAL_STDIO"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("FF_USE_DOCKER_AUTOSCALER_DIAL_STDIO"),
+            "{error}"
+        );
     }
 
     #[test]
     fn host_port() {
-        assert_eq!(split_host_port("127.0.0.1:2222").unwrap(), ("127.0.0.1".into(), 2222));
+        assert_eq!(
+            split_host_port("127.0.0.1:2222").unwrap(),
+            ("127.0.0.1".into(), 2222)
+        );
         assert_eq!(split_host_port("example").unwrap(), ("example".into(), 22));
         assert_eq!(split_host_port("[::1]:22").unwrap(), ("::1".into(), 22));
         assert!(split_host_port("h:x").is_err());

@@ -28,21 +28,28 @@ pub async fn run_with_input(
     let command = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| HostError { command: command.clone(), detail: e.to_string() })?;
+        .map_err(|e| HostError {
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
     if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(bytes)
-            .await
-            .map_err(|e| HostError { command: command.clone(), detail: e.to_string() })?;
+        stdin.write_all(bytes).await.map_err(|e| HostError {
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
     }
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|e| HostError { command: command.clone(), detail: e.to_string() })?;
+    let output = child.wait_with_output().await.map_err(|e| HostError {
+        command: command.clone(),
+        detail: e.to_string(),
+    })?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
@@ -153,7 +160,9 @@ pub fn find_process(matches: impl Fn(&[String]) -> bool) -> Option<i32> {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .find(|pid| {
-            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
             let args: Vec<String> = raw
                 .split(|b| *b == 0)
                 .filter(|a| !a.is_empty())
@@ -178,9 +187,15 @@ mod tests {
     #[test]
     fn parses_passwd_lines() {
         let a = parse_passwd_line("pf-x:x:1001:1001:podfleet:demo:/home/pf-x:/bin/sh");
-        assert_eq!(a, None, "a comment with ':' splits the line and must not parse as a user");
+        assert_eq!(
+            a, None,
+            "a comment with ':' splits the line and must not parse as a user"
+        );
         let a = parse_passwd_line("pf-x:x:1001:1002:podfleet-demo:/home/pf-x:/bin/sh").unwrap();
-        assert_eq!((a.uid, a.gid, a.comment.as_str()), (1001, 1002, "podfleet-demo"));
+        assert_eq!(
+            (a.uid, a.gid, a.comment.as_str()),
+            (1001, 1002, "podfleet-demo")
+        );
         assert_eq!(parse_passwd_line("broken"), None);
     }
 

@@ -63,6 +63,10 @@ impl LocalProvider {
         for d in [&settings.state_dir, &dir, &dir.join("images")] {
             set_mode(d, 0o755).map_err(|e| platform(format!("chmod {}: {e}", d.display())))?;
         }
+        // Without a password the instances are reached by key (given or generated).
+        if credentials.password.is_none() || credentials.authorized_key.is_some() {
+            check_trusted_by_sshd(&dir)?;
+        }
         let mut generated_key = None;
         if credentials.password.is_none() && credentials.authorized_key.is_none() {
             let key = dir.join("instance_key");
@@ -111,7 +115,13 @@ impl LocalProvider {
     }
 
     fn new_user_name(&self) -> String {
-        let group: String = self.settings.name.to_ascii_lowercase().chars().take(20).collect();
+        let group: String = self
+            .settings
+            .name
+            .to_ascii_lowercase()
+            .chars()
+            .take(20)
+            .collect();
         let suffix: [u8; 3] = rand::random();
         format!("pf-{}-{}", group.replace('_', "-"), hex::encode(suffix))
     }
@@ -151,6 +161,29 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+/// sshd (StrictModes) ignores an `AuthorizedKeysFile` when a directory above it may be
+/// written by anyone but root (e.g. one below /tmp): every key would be refused, with a
+/// line in sshd's log as the only hint. Refuse such a state dir up front instead.
+fn check_trusted_by_sshd(dir: &Path) -> Result<(), ProviderError> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::canonicalize(dir)
+        .map_err(|e| platform(format!("resolve state dir {}: {e}", dir.display())))?;
+    for ancestor in dir.ancestors() {
+        let meta = std::fs::metadata(ancestor)
+            .map_err(|e| platform(format!("stat {}: {e}", ancestor.display())))?;
+        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Err(ProviderError::Config(format!(
+                "state_dir {}: sshd refuses authorized keys below {}, which is not owned by \
+                 root or is writable by others; choose a state_dir whose parents only root \
+                 can write (the default is /var/lib/podfleet/local)",
+                dir.display(),
+                ancestor.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn runtime_dir(uid: u32) -> PathBuf {
     PathBuf::from(format!("/run/user/{uid}"))
 }
@@ -175,7 +208,16 @@ impl Creation {
             let _guard = self.host_lock.lock().await;
             host::run(
                 "useradd",
-                &["-m", "-s", "/bin/sh", "-c", &self.comment, "-G", sshd::INSTANCE_GROUP, user],
+                &[
+                    "-m",
+                    "-s",
+                    "/bin/sh",
+                    "-c",
+                    &self.comment,
+                    "-G",
+                    sshd::INSTANCE_GROUP,
+                    user,
+                ],
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -192,7 +234,9 @@ impl Creation {
             }
             // A locked account ('!') is refused by sshd even for keys; '*' is "no password".
             None => {
-                host::run("usermod", &["-p", "*", user]).await.map_err(|e| e.to_string())?;
+                host::run("usermod", &["-p", "*", user])
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
         if let Some(key) = &self.credentials.authorized_key {
@@ -208,15 +252,20 @@ impl Creation {
         }
         if let Some(conf) = &self.settings.registries_conf {
             let path = account.home.join(".config/containers/registries.conf.d");
-            self.as_user(&account, "mkdir", &["-p", &path.to_string_lossy()]).await?;
+            self.as_user(&account, "mkdir", &["-p", &path.to_string_lossy()])
+                .await?;
             let file = path.join("50-podfleet.conf");
             std::fs::write(&file, conf).map_err(|e| e.to_string())?;
         }
         self.start_podman_service(&account).await?;
         let images = self.image_archives().await?;
         for archive in &images {
-            self.as_user(&account, "podman", &["load", "-q", "-i", &archive.to_string_lossy()])
-                .await?;
+            self.as_user(
+                &account,
+                "podman",
+                &["load", "-q", "-i", &archive.to_string_lossy()],
+            )
+            .await?;
         }
         std::fs::write(account.home.join(READY_MARKER), b"").map_err(|e| e.to_string())?;
         tracing::info!(
@@ -228,7 +277,11 @@ impl Creation {
         Ok(())
     }
 
-    fn user_command(account: &host::Account, program: &str, args: &[&str]) -> tokio::process::Command {
+    fn user_command(
+        account: &host::Account,
+        program: &str,
+        args: &[&str],
+    ) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("runuser");
         command
             .args(["-u", &account.name, "--", "env", "-i"])
@@ -236,14 +289,22 @@ impl Creation {
             .arg(format!("USER={}", account.name))
             .arg(format!("LOGNAME={}", account.name))
             .arg(format!("PATH={PATH}"))
-            .arg(format!("XDG_RUNTIME_DIR={}", runtime_dir(account.uid).display()))
+            .arg(format!(
+                "XDG_RUNTIME_DIR={}",
+                runtime_dir(account.uid).display()
+            ))
             .arg(program)
             .args(args)
             .current_dir(&account.home);
         command
     }
 
-    async fn as_user(&self, account: &host::Account, program: &str, args: &[&str]) -> Result<(), String> {
+    async fn as_user(
+        &self,
+        account: &host::Account,
+        program: &str,
+        args: &[&str],
+    ) -> Result<(), String> {
         let output = Self::user_command(account, program, args)
             .stdin(std::process::Stdio::null())
             .output()
@@ -276,7 +337,9 @@ impl Creation {
             // Own process group: a Ctrl-C aimed at the manager must not take the
             // instance's service down; deletion kills it explicitly.
             .process_group(0);
-        let mut child = command.spawn().map_err(|e| format!("start podman service: {e}"))?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("start podman service: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if socket.exists() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
@@ -286,31 +349,43 @@ impl Creation {
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(format!("podman system service exited ({status}): {}", log.trim()));
+                return Err(format!(
+                    "podman system service exited ({status}): {}",
+                    log.trim()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(format!("podman service socket {} did not appear within 30s", socket.display()))
+        Err(format!(
+            "podman service socket {} did not appear within 30s",
+            socket.display()
+        ))
     }
 
     /// `podman save` archives of the images instances carry, made once per image id.
     async fn image_archives(&self) -> Result<Vec<PathBuf>, String> {
         let names = match &self.settings.images {
             Some(names) => names.clone(),
-            None => host::run("podman", &["images", "--format", "{{.Repository}}:{{.Tag}}"])
-                .await
-                .map_err(|e| e.to_string())?
-                .lines()
-                .filter(|l| !l.contains("<none>"))
-                .map(str::to_string)
-                .collect(),
+            None => host::run(
+                "podman",
+                &["images", "--format", "{{.Repository}}:{{.Tag}}"],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .lines()
+            .filter(|l| !l.contains("<none>"))
+            .map(str::to_string)
+            .collect(),
         };
         let _guard = self.host_lock.lock().await;
         let mut archives = Vec::new();
         for name in names {
-            let id = host::run("podman", &["image", "inspect", "--format", "{{.Id}}", &name])
-                .await
-                .map_err(|e| format!("image {name} is not in the host's Podman store: {e}"))?;
+            let id = host::run(
+                "podman",
+                &["image", "inspect", "--format", "{{.Id}}", &name],
+            )
+            .await
+            .map_err(|e| format!("image {name} is not in the host's Podman store: {e}"))?;
             let archive = self.dir.join("images").join(format!("{}.tar", id.trim()));
             if !archive.exists() {
                 let part = archive.with_extension("part");
@@ -328,8 +403,14 @@ impl Creation {
 }
 
 /// Removes an instance user and everything it owned on the host.
-async fn delete_instance(account: &host::Account, dir: &Path, lock: &tokio::sync::Mutex<()>) -> Result<(), String> {
-    host::kill_all_processes(account.uid).await.map_err(|e| e.to_string())?;
+async fn delete_instance(
+    account: &host::Account,
+    dir: &Path,
+    lock: &tokio::sync::Mutex<()>,
+) -> Result<(), String> {
+    host::kill_all_processes(account.uid)
+        .await
+        .map_err(|e| e.to_string())?;
     let run_dir = runtime_dir(account.uid);
     for mount in host::mounts_below(&[&account.home, &run_dir]) {
         let _ = host::run("umount", &["-l", &mount.to_string_lossy()]).await;
@@ -338,7 +419,9 @@ async fn delete_instance(account: &host::Account, dir: &Path, lock: &tokio::sync
         let _guard = lock.lock().await;
         // The marker first: an interrupted deletion must not look like a ready instance.
         let _ = std::fs::remove_file(account.home.join(READY_MARKER));
-        host::run("userdel", &["-r", "-f", &account.name]).await.map_err(|e| e.to_string())?;
+        host::run("userdel", &["-r", "-f", &account.name])
+            .await
+            .map_err(|e| e.to_string())?;
     }
     let _ = std::fs::remove_dir_all(&run_dir);
     let _ = std::fs::remove_dir_all(&account.home);
@@ -352,9 +435,13 @@ async fn delete_instance(account: &host::Account, dir: &Path, lock: &tokio::sync
 
 fn remove_owned_entries(dir: &Path, uid: u32) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
-        let Ok(meta) = entry.path().symlink_metadata() else { continue };
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
         if meta.uid() == uid {
             let path = entry.path();
             let _ = if meta.is_dir() {
@@ -369,12 +456,18 @@ fn remove_owned_entries(dir: &Path, uid: u32) {
 #[async_trait]
 impl Provider for LocalProvider {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { name: "local".into(), max_size: self.settings.max_size }
+        ProviderInfo {
+            name: "local".into(),
+            max_size: self.settings.max_size,
+        }
     }
 
     async fn list(&self) -> Result<Vec<ProviderInstance>, ProviderError> {
         let accounts = self.own_accounts()?;
-        let mut in_flight = self.in_flight.lock().map_err(|_| platform("state poisoned".into()))?;
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .map_err(|_| platform("state poisoned".into()))?;
         let mut listed: Vec<ProviderInstance> = accounts
             .iter()
             .map(|account| {
@@ -382,14 +475,21 @@ impl Provider for LocalProvider {
                     InstanceState::Deleting
                 } else if in_flight.creating.contains(&account.name) {
                     InstanceState::Creating
-                } else if let Some((_, reason)) =
-                    in_flight.failed.iter().find(|(name, _)| name == &account.name)
+                } else if let Some((_, reason)) = in_flight
+                    .failed
+                    .iter()
+                    .find(|(name, _)| name == &account.name)
                 {
-                    InstanceState::Failed { reason: reason.clone() }
+                    InstanceState::Failed {
+                        reason: reason.clone(),
+                    }
                 } else {
                     observed_state(account)
                 };
-                ProviderInstance { id: InstanceId(account.name.clone()), state }
+                ProviderInstance {
+                    id: InstanceId(account.name.clone()),
+                    state,
+                }
             })
             .collect();
         // A creation whose useradd has not happened yet still counts as Creating.
@@ -401,7 +501,19 @@ impl Provider for LocalProvider {
                 });
             }
         }
-        in_flight.failed.retain(|(name, _)| accounts.iter().any(|a| &a.name == name));
+        // So does a deletion that has removed the user but not yet the rest (its runtime dir,
+        // keys, shared memory): the instance is gone only when nothing of it is left.
+        for name in &in_flight.deleting {
+            if !accounts.iter().any(|a| &a.name == name) {
+                listed.push(ProviderInstance {
+                    id: InstanceId(name.clone()),
+                    state: InstanceState::Deleting,
+                });
+            }
+        }
+        in_flight
+            .failed
+            .retain(|(name, _)| accounts.iter().any(|a| &a.name == name));
         Ok(listed)
     }
 
@@ -417,7 +529,9 @@ impl Provider for LocalProvider {
             let in_flight = self.in_flight.clone();
             tokio::spawn(async move {
                 let result = creation.create(&user).await;
-                let Ok(mut in_flight) = in_flight.lock() else { return };
+                let Ok(mut in_flight) = in_flight.lock() else {
+                    return;
+                };
                 in_flight.creating.remove(&user);
                 if let Err(reason) = result {
                     tracing::warn!(instance = %user, %reason, "local instance creation failed");
@@ -436,8 +550,10 @@ impl Provider for LocalProvider {
                 continue;
             };
             {
-                let mut in_flight =
-                    self.in_flight.lock().map_err(|_| platform("state poisoned".into()))?;
+                let mut in_flight = self
+                    .in_flight
+                    .lock()
+                    .map_err(|_| platform("state poisoned".into()))?;
                 if !in_flight.deleting.insert(account.name.clone()) {
                     continue; // already being deleted
                 }
@@ -463,7 +579,9 @@ impl Provider for LocalProvider {
     async fn shutdown(&self) {
         match self.stop_sshd_if_empty().await {
             Ok(true) => tracing::info!(group = %self.settings.name, "managed sshd stopped"),
-            Ok(false) => tracing::info!(group = %self.settings.name, "instances remain; managed sshd kept"),
+            Ok(false) => {
+                tracing::info!(group = %self.settings.name, "instances remain; managed sshd kept")
+            }
             Err(e) => tracing::warn!(error = %e, "cannot list instances at shutdown"),
         }
     }
@@ -479,7 +597,11 @@ impl Provider for LocalProvider {
             username: Some(account.name.clone()),
             password: None,
             private_key: self.generated_key.clone(),
-            host_key: Some(self.sshd.host_public_key().map_err(|e| platform(e.to_string()))?),
+            host_key: Some(
+                self.sshd
+                    .host_public_key()
+                    .map_err(|e| platform(e.to_string()))?,
+            ),
             os: "linux".into(),
             arch: std::env::consts::ARCH.into(),
             docker_socket: Some(socket_path(account.uid).to_string_lossy().into_owned()),

@@ -27,9 +27,11 @@ impl Sshd {
     }
 
     pub fn host_public_key(&self) -> std::io::Result<String> {
-        Ok(std::fs::read_to_string(self.dir.join("ssh_host_ed25519_key.pub"))?
-            .trim()
-            .to_string())
+        Ok(
+            std::fs::read_to_string(self.dir.join("ssh_host_ed25519_key.pub"))?
+                .trim()
+                .to_string(),
+        )
     }
 
     /// Starts the group's sshd unless it already runs (for instance after a manager
@@ -50,14 +52,25 @@ impl Sshd {
             Ok(text) if wanted_port == 0 => text.trim().parse().unwrap_or(0),
             _ => wanted_port,
         };
-        let port = if port == 0 { free_port().map_err(|e| io("pick a port", e))? } else { port };
+        let port = if port == 0 {
+            free_port().map_err(|e| io("pick a port", e))?
+        } else {
+            port
+        };
         std::fs::write(&port_file, port.to_string()).map_err(|e| io("write port", e))?;
-        let sshd = Sshd { dir: dir.to_path_buf(), port };
+        let sshd = Sshd {
+            dir: dir.to_path_buf(),
+            port,
+        };
 
         let key = dir.join("ssh_host_ed25519_key");
         if !key.exists() {
             let key_arg = key.to_string_lossy().into_owned();
-            host::run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", &key_arg]).await?;
+            host::run(
+                "ssh-keygen",
+                &["-q", "-t", "ed25519", "-N", "", "-f", &key_arg],
+            )
+            .await?;
         }
         let config = sshd.config_text(password_auth);
         let config_path = dir.join("sshd_config");
@@ -107,7 +120,9 @@ impl Sshd {
             let config = self.dir.join("sshd_config");
             host::find_process(|cmdline| {
                 cmdline.first().is_some_and(|arg| arg.ends_with("sshd"))
-                    && cmdline.iter().any(|arg| std::path::Path::new(arg) == config)
+                    && cmdline
+                        .iter()
+                        .any(|arg| std::path::Path::new(arg) == config)
             })
         })
     }
