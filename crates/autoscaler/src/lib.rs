@@ -129,7 +129,10 @@ impl Autoscaler {
             events,
         });
         let task = tokio::spawn(run_loop(inner.clone()));
-        Self { inner, task: Arc::new(Mutex::new(Some(task))) }
+        Self {
+            inner,
+            task: Arc::new(Mutex::new(Some(task))),
+        }
     }
 
     pub fn events(&self) -> broadcast::Receiver<ScalerEvent> {
@@ -138,7 +141,9 @@ impl Autoscaler {
 
     /// Whether a job could still get a slot, counting all instances the group may have.
     pub fn has_room(&self) -> bool {
-        let Ok(state) = self.inner.state.lock() else { return false };
+        let Ok(state) = self.inner.state.lock() else {
+            return false;
+        };
         if state.shutting_down {
             return false;
         }
@@ -197,7 +202,9 @@ impl Autoscaler {
         let limits = self.inner.settings.limits.clone();
         let mut event = None;
         self.with_state(|state| {
-            let Some(tracked) = state.instances.get_mut(&acquisition.instance) else { return };
+            let Some(tracked) = state.instances.get_mut(&acquisition.instance) else {
+                return;
+            };
             tracked.in_use = tracked.in_use.saturating_sub(1);
             if tracked.in_use == 0 {
                 tracked.idle_since = Instant::now();
@@ -303,7 +310,10 @@ async fn run_loop(inner: Arc<Inner>) {
             state.waiting > 0
                 || state.unlisted_creations > 0
                 || state.instances.values().any(|t| {
-                    matches!(t.phase, Phase::Creating | Phase::Deleting | Phase::Retiring | Phase::Failed)
+                    matches!(
+                        t.phase,
+                        Phase::Creating | Phase::Deleting | Phase::Retiring | Phase::Failed
+                    )
                 })
         };
         let interval = if expecting {
@@ -331,13 +341,19 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
             if !known {
                 if first {
                     preexisting.push(instance.id.clone());
-                    state.instances.insert(instance.id.clone(), tracked(Phase::Deleting, now));
+                    state
+                        .instances
+                        .insert(instance.id.clone(), tracked(Phase::Deleting, now));
                     continue;
                 }
                 state.unlisted_creations = state.unlisted_creations.saturating_sub(1);
-                state.instances.insert(instance.id.clone(), tracked(Phase::Creating, now));
+                state
+                    .instances
+                    .insert(instance.id.clone(), tracked(Phase::Creating, now));
             }
-            let Some(t) = state.instances.get_mut(&instance.id) else { continue };
+            let Some(t) = state.instances.get_mut(&instance.id) else {
+                continue;
+            };
             match (&instance.state, t.phase) {
                 (_, Phase::Deleting | Phase::Failed) => {}
                 (InstanceState::Failed { reason }, phase) => {
@@ -345,14 +361,18 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                         failed_creations += 1;
                     }
                     t.phase = Phase::Failed;
-                    events.push(ScalerEvent::Failed { id: instance.id.clone(), reason: reason.clone() });
+                    events.push(ScalerEvent::Failed {
+                        id: instance.id.clone(),
+                        reason: reason.clone(),
+                    });
                 }
                 (InstanceState::Running, Phase::Creating) if !t.checking => {
                     t.checking = true;
                     to_check.push(instance.id.clone());
                 }
                 (_, Phase::Creating)
-                    if now.saturating_duration_since(t.requested_at) > inner.settings.creation_timeout =>
+                    if now.saturating_duration_since(t.requested_at)
+                        > inner.settings.creation_timeout =>
                 {
                     failed_creations += 1;
                     t.phase = Phase::Failed;
@@ -376,7 +396,10 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 if t.phase == Phase::Deleting {
                     events.push(ScalerEvent::Deleted { id });
                 } else {
-                    events.push(ScalerEvent::Failed { id, reason: "instance unexpectedly removed".into() });
+                    events.push(ScalerEvent::Failed {
+                        id,
+                        reason: "instance unexpectedly removed".into(),
+                    });
                 }
             }
         }
@@ -398,7 +421,13 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 });
             }
             let paused = state.creation_paused_until.is_some_and(|until| now < until);
-            let mut actions = planner::plan(&views, state.waiting, &inner.settings.policy, &inner.settings.limits, now);
+            let mut actions = planner::plan(
+                &views,
+                state.waiting,
+                &inner.settings.policy,
+                &inner.settings.limits,
+                now,
+            );
             if paused {
                 actions.retain(|a| !matches!(a, Action::Create(_)));
             }
@@ -414,7 +443,10 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                                     _ => "idle",
                                 };
                                 t.phase = Phase::Deleting;
-                                events.push(ScalerEvent::Deleting { id: id.clone(), reason: reason.into() });
+                                events.push(ScalerEvent::Deleting {
+                                    id: id.clone(),
+                                    reason: reason.into(),
+                                });
                             }
                         }
                     }
@@ -453,7 +485,9 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 state.unlisted_creations -= count - accepted.min(count);
                 drop(state);
                 if accepted > 0 {
-                    let _ = inner.events.send(ScalerEvent::Requested { count: accepted });
+                    let _ = inner
+                        .events
+                        .send(ScalerEvent::Requested { count: accepted });
                 }
             }
             Action::Delete(ids) => {
@@ -483,7 +517,9 @@ async fn check_instance(inner: Arc<Inner>, id: InstanceId) {
     };
     let event = {
         let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(t) = state.instances.get_mut(&id) else { return };
+        let Some(t) = state.instances.get_mut(&id) else {
+            return;
+        };
         t.checking = false;
         if t.phase != Phase::Creating {
             return;
@@ -491,16 +527,24 @@ async fn check_instance(inner: Arc<Inner>, id: InstanceId) {
         match result {
             Ok(info) => {
                 state.creation_failures = 0;
-                let Some(t) = state.instances.get_mut(&id) else { return };
+                let Some(t) = state.instances.get_mut(&id) else {
+                    return;
+                };
                 t.phase = Phase::Ready;
                 t.connect_info = Some(info);
                 t.idle_since = Instant::now();
-                ScalerEvent::Ready { id: id.clone(), seconds: t.requested_at.elapsed().as_secs() }
+                ScalerEvent::Ready {
+                    id: id.clone(),
+                    seconds: t.requested_at.elapsed().as_secs(),
+                }
             }
             Err(reason) => {
                 t.phase = Phase::Failed;
                 state.creation_failed(Instant::now());
-                ScalerEvent::Failed { id: id.clone(), reason }
+                ScalerEvent::Failed {
+                    id: id.clone(),
+                    reason,
+                }
             }
         }
     };

@@ -75,7 +75,11 @@ pub fn free_slots(instance: &InstanceView, limits: &Limits) -> usize {
 /// Jobs a fresh instance can serve in all.
 fn fresh_capacity(limits: &Limits) -> usize {
     let c = limits.capacity_per_instance.max(1);
-    if limits.max_use_count == 0 { c } else { c.min(limits.max_use_count as usize) }
+    if limits.max_use_count == 0 {
+        c
+    } else {
+        c.min(limits.max_use_count as usize)
+    }
 }
 
 /// Idle capacity the policy asks for, given the slots in use.
@@ -111,7 +115,10 @@ pub fn plan(
     let in_use: usize = instances.iter().map(|i| i.in_use).sum();
     let free: usize = instances.iter().map(|i| free_slots(i, limits)).sum();
     let per_instance = fresh_capacity(limits);
-    let creating = instances.iter().filter(|i| i.phase == Phase::Creating).count();
+    let creating = instances
+        .iter()
+        .filter(|i| i.phase == Phase::Creating)
+        .count();
     let coming = creating * per_instance;
     let wanted = waiting + idle_target(policy, in_use);
     let have = free + coming;
@@ -156,10 +163,22 @@ mod tests {
     use proptest::prelude::*;
 
     fn limits(c: usize, max_use: u32, max: usize) -> Limits {
-        Limits { capacity_per_instance: c, max_use_count: max_use, max_instances: max, max_size: 1000 }
+        Limits {
+            capacity_per_instance: c,
+            max_use_count: max_use,
+            max_instances: max,
+            max_size: 1000,
+        }
     }
 
-    fn view(n: usize, phase: Phase, in_use: usize, use_count: u32, idle_for: u64, now: Instant) -> InstanceView {
+    fn view(
+        n: usize,
+        phase: Phase,
+        in_use: usize,
+        use_count: u32,
+        idle_for: u64,
+        now: Instant,
+    ) -> InstanceView {
         InstanceView {
             id: InstanceId(format!("i{n}")),
             phase,
@@ -175,7 +194,11 @@ mod tests {
         let actions = plan(&[], 7, &Policy::default(), &limits(1, 1, 9), now);
         assert_eq!(actions, vec![Action::Create(7)]);
         let actions = plan(&[], 12, &Policy::default(), &limits(1, 1, 9), now);
-        assert_eq!(actions, vec![Action::Create(9)], "never above max_instances");
+        assert_eq!(
+            actions,
+            vec![Action::Create(9)],
+            "never above max_instances"
+        );
     }
 
     #[test]
@@ -192,7 +215,10 @@ mod tests {
     #[test]
     fn idle_instances_go_after_idle_time_only() {
         let now = Instant::now() + Duration::from_secs(10_000);
-        let policy = Policy { idle_time: Duration::from_secs(60), ..Default::default() };
+        let policy = Policy {
+            idle_time: Duration::from_secs(60),
+            ..Default::default()
+        };
         let young = [view(1, Phase::Ready, 0, 1, 10, now)];
         assert!(plan(&young, 0, &policy, &limits(1, 0, 9), now).is_empty());
         let old = [view(1, Phase::Ready, 0, 1, 61, now)];
@@ -205,9 +231,18 @@ mod tests {
     #[test]
     fn idle_count_keeps_capacity() {
         let now = Instant::now() + Duration::from_secs(10_000);
-        let policy = Policy { idle_count: 2, ..Default::default() };
-        assert_eq!(plan(&[], 0, &policy, &limits(1, 0, 9), now), vec![Action::Create(2)]);
-        let two = [view(1, Phase::Ready, 0, 0, 999, now), view(2, Phase::Ready, 0, 0, 999, now)];
+        let policy = Policy {
+            idle_count: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&[], 0, &policy, &limits(1, 0, 9), now),
+            vec![Action::Create(2)]
+        );
+        let two = [
+            view(1, Phase::Ready, 0, 0, 999, now),
+            view(2, Phase::Ready, 0, 0, 999, now),
+        ];
         assert!(plan(&two, 0, &policy, &limits(1, 0, 9), now).is_empty());
     }
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, NetworkCreateRequest};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, NetworkCreateRequest,
+};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions,
     RemoveVolumeOptions, WaitContainerOptions,
@@ -48,7 +50,9 @@ pub struct JobSpec {
 pub enum JobOutcome {
     Success,
     /// The script exited non-zero.
-    ScriptFailure { exit_code: i64 },
+    ScriptFailure {
+        exit_code: i64,
+    },
     /// The job image could not be had.
     ImagePullFailure(String),
     /// The instance or its engine failed us.
@@ -93,7 +97,9 @@ impl Executor {
         cancel: CancellationToken,
     ) -> JobOutcome {
         let resources = JobResources::new(job);
-        let outcome = self.run_stages(job, config, &resources, &trace, &cancel).await;
+        let outcome = self
+            .run_stages(job, config, &resources, &trace, &cancel)
+            .await;
         resources.remove(&self.docker).await;
         outcome
     }
@@ -106,7 +112,10 @@ impl Executor {
         trace: &TraceSink,
         cancel: &CancellationToken,
     ) -> JobOutcome {
-        say(trace, &format!("Using Docker executor with image {} ...", job.image));
+        say(
+            trace,
+            &format!("Using Docker executor with image {} ...", job.image),
+        );
         if let Err(reason) = self.ensure_image(&job.image, config, trace).await {
             return JobOutcome::ImagePullFailure(reason);
         }
@@ -122,10 +131,15 @@ impl Executor {
                 // The name is unique to this job: if it exists, a retried request made it.
                 Err(e) if e.to_string().contains("already") => {}
                 Err(e) => {
-                    return JobOutcome::SystemFailure(format!("create network {}: {e}", resources.network));
+                    return JobOutcome::SystemFailure(format!(
+                        "create network {}: {e}",
+                        resources.network
+                    ));
                 }
             }
-            resources.network_created.store(true, std::sync::atomic::Ordering::SeqCst);
+            resources
+                .network_created
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         let main = stage_script(job, &job.script, None);
         let outcome = tokio::select! {
@@ -136,12 +150,18 @@ impl Executor {
         if matches!(outcome, JobOutcome::Canceled | JobOutcome::TimedOut) {
             // The build container is killed by the removal below; say why in the trace.
             let why = if outcome == JobOutcome::TimedOut {
-                format!("execution took longer than {} seconds", job.timeout.as_secs())
+                format!(
+                    "execution took longer than {} seconds",
+                    job.timeout.as_secs()
+                )
             } else {
                 "job canceled".to_string()
             };
             say_error(trace, &why);
-            let _ = self.docker.kill_container(&resources.container("build"), None).await;
+            let _ = self
+                .docker
+                .kill_container(&resources.container("build"), None)
+                .await;
         }
         if !job.after_script.is_empty() && !matches!(outcome, JobOutcome::ImagePullFailure(_)) {
             let status = match &outcome {
@@ -151,7 +171,8 @@ impl Executor {
             };
             say(trace, "Running after_script");
             let after = stage_script(job, &job.after_script, Some(status));
-            let after_run = self.run_container(job, config, resources, "after-script", after, trace);
+            let after_run =
+                self.run_container(job, config, resources, "after-script", after, trace);
             match tokio::time::timeout(Duration::from_secs(300), after_run).await {
                 Ok(JobOutcome::Success) => {}
                 Ok(other) => say_warning(trace, &format!("after_script failed: {other:?}")),
@@ -161,7 +182,12 @@ impl Executor {
         outcome
     }
 
-    async fn ensure_image(&self, image: &str, config: &DockerConfig, trace: &TraceSink) -> Result<(), String> {
+    async fn ensure_image(
+        &self,
+        image: &str,
+        config: &DockerConfig,
+        trace: &TraceSink,
+    ) -> Result<(), String> {
         let present = self.docker.inspect_image(image).await.is_ok();
         let mut last_error = String::new();
         for policy in config.effective_pull_policies() {
@@ -189,7 +215,10 @@ impl Executor {
     }
 
     async fn pull(&self, image: &str) -> Result<(), bollard::errors::Error> {
-        let options = CreateImageOptions { from_image: Some(image.to_string()), ..Default::default() };
+        let options = CreateImageOptions {
+            from_image: Some(image.to_string()),
+            ..Default::default()
+        };
         let mut stream = self.docker.create_image(Some(options), None, None);
         while let Some(progress) = stream.next().await {
             progress?;
@@ -208,31 +237,51 @@ impl Executor {
     ) -> JobOutcome {
         let name = resources.container(role);
         let body = container_body(job, config, resources, script);
-        let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+        let options = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
         if let Err(e) = self.docker.create_container(Some(options), body).await {
             return classify_create_error(&job.image, e);
         }
-        resources.containers.lock().map(|mut c| c.push(name.clone())).ok();
+        resources
+            .containers
+            .lock()
+            .map(|mut c| c.push(name.clone()))
+            .ok();
         if let Err(e) = self.docker.start_container(&name, None).await {
             return JobOutcome::SystemFailure(format!("start container {name}: {e}"));
         }
-        let logs = LogsOptions { follow: true, stdout: true, stderr: true, ..Default::default() };
+        let logs = LogsOptions {
+            follow: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
         let mut stream = self.docker.logs(&name, Some(logs));
         while let Some(item) = stream.next().await {
             match item {
-                Ok(LogOutput::StdOut { message } | LogOutput::StdErr { message } | LogOutput::Console { message }) => {
-                    trace(&message)
-                }
+                Ok(
+                    LogOutput::StdOut { message }
+                    | LogOutput::StdErr { message }
+                    | LogOutput::Console { message },
+                ) => trace(&message),
                 Ok(LogOutput::StdIn { .. }) => {}
                 Err(e) => return JobOutcome::SystemFailure(format!("logs of {name}: {e}")),
             }
         }
-        let mut wait = self.docker.wait_container(&name, None::<WaitContainerOptions>);
+        let mut wait = self
+            .docker
+            .wait_container(&name, None::<WaitContainerOptions>);
         match wait.next().await {
             Some(Ok(response)) if response.status_code == 0 => JobOutcome::Success,
-            Some(Ok(response)) => JobOutcome::ScriptFailure { exit_code: response.status_code },
+            Some(Ok(response)) => JobOutcome::ScriptFailure {
+                exit_code: response.status_code,
+            },
             // bollard reports a non-zero exit as an error carrying the code.
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) if code != 0 => {
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. }))
+                if code != 0 =>
+            {
                 JobOutcome::ScriptFailure { exit_code: code }
             }
             Some(Err(e)) => JobOutcome::SystemFailure(format!("wait for {name}: {e}")),
@@ -244,7 +293,9 @@ impl Executor {
 fn classify_create_error(image: &str, error: bollard::errors::Error) -> JobOutcome {
     let text = error.to_string();
     if text.contains("image not known") || text.contains("No such image") {
-        JobOutcome::ImagePullFailure(format!("image {image} is not available on the instance: {text}"))
+        JobOutcome::ImagePullFailure(format!(
+            "image {image} is not available on the instance: {text}"
+        ))
     } else {
         JobOutcome::SystemFailure(format!("create container: {text}"))
     }
@@ -253,12 +304,21 @@ fn classify_create_error(image: &str, error: bollard::errors::Error) -> JobOutco
 fn stage_script(job: &JobSpec, commands: &[String], job_status: Option<&str>) -> String {
     let mut variables = job.variables.clone();
     if let Some(status) = job_status {
-        variables.push(Variable { key: "CI_JOB_STATUS".into(), value: status.into(), file: false });
+        variables.push(Variable {
+            key: "CI_JOB_STATUS".into(),
+            value: status.into(),
+            file: false,
+        });
     }
     script::stage_script(&job.project_dir, &variables, commands)
 }
 
-fn container_body(job: &JobSpec, config: &DockerConfig, resources: &JobResources, script: String) -> ContainerCreateBody {
+fn container_body(
+    job: &JobSpec,
+    config: &DockerConfig,
+    resources: &JobResources,
+    script: String,
+) -> ContainerCreateBody {
     let mut binds = vec![format!("{}:/builds", resources.volume)];
     let mut anonymous = Vec::new();
     for volume in &config.volumes {
@@ -276,7 +336,9 @@ fn container_body(job: &JobSpec, config: &DockerConfig, resources: &JobResources
     let host_config = HostConfig {
         privileged: Some(config.privileged),
         // Podman-in-Podman needs its own cgroup namespace to mount cgroup2 inside.
-        cgroupns_mode: config.privileged.then_some(HostConfigCgroupnsModeEnum::PRIVATE),
+        cgroupns_mode: config
+            .privileged
+            .then_some(HostConfigCgroupnsModeEnum::PRIVATE),
         binds: Some(binds),
         network_mode,
         cap_add: non_empty(&config.cap_add),
@@ -337,23 +399,38 @@ impl JobResources {
     fn labels(&self) -> HashMap<String, String> {
         HashMap::from([
             ("io.podfleet.job.id".to_string(), self.job_id.to_string()),
-            ("com.gitlab.gitlab-runner.job.id".to_string(), self.job_id.to_string()),
+            (
+                "com.gitlab.gitlab-runner.job.id".to_string(),
+                self.job_id.to_string(),
+            ),
         ])
     }
 
     async fn remove(&self, docker: &Docker) {
-        let containers = self.containers.lock().map(|c| c.clone()).unwrap_or_default();
+        let containers = self
+            .containers
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
         for name in containers {
-            let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+            let options = RemoveContainerOptions {
+                force: true,
+                v: true,
+                ..Default::default()
+            };
             if let Err(e) = docker.remove_container(&name, Some(options)).await {
                 tracing::warn!(container = %name, error = %e, "removing job container failed");
             }
         }
-        let _ = docker.remove_volume(&self.volume, Some(RemoveVolumeOptions { force: true })).await;
-        if self.network_created.load(std::sync::atomic::Ordering::SeqCst) {
-            if let Err(e) = docker.remove_network(&self.network).await {
-                tracing::warn!(network = %self.network, error = %e, "removing job network failed");
-            }
+        let _ = docker
+            .remove_volume(&self.volume, Some(RemoveVolumeOptions { force: true }))
+            .await;
+        if self
+            .network_created
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && let Err(e) = docker.remove_network(&self.network).await
+        {
+            tracing::warn!(network = %self.network, error = %e, "removing job network failed");
         }
     }
 }

@@ -44,16 +44,26 @@ pub fn stage_script(project_dir: &str, variables: &[Variable], commands: &[Strin
                 key = variable.key,
             ));
         } else {
-            script.push_str(&format!("export {}={}\n", variable.key, quote(&variable.value)));
+            script.push_str(&format!(
+                "export {}={}\n",
+                variable.key,
+                quote(&variable.value)
+            ));
         }
     }
-    script.push_str(&format!("mkdir -p {dir}\ncd {dir}\n", dir = quote(project_dir)));
+    script.push_str(&format!(
+        "mkdir -p {dir}\ncd {dir}\n",
+        dir = quote(project_dir)
+    ));
     for command in commands {
         let shown = match command.split_once('\n') {
             Some((first, _)) => format!("$ {first} # collapsed multi-line command"),
             None => format!("$ {command}"),
         };
-        script.push_str(&format!("printf '\\033[32;1m%s\\033[0;m\\n' {}\n", quote(&shown)));
+        script.push_str(&format!(
+            "printf '\\033[32;1m%s\\033[0;m\\n' {}\n",
+            quote(&shown)
+        ));
         script.push_str(command);
         script.push('\n');
     }
@@ -66,7 +76,11 @@ mod tests {
     use super::*;
 
     fn run_sh(script: &str) -> std::process::Output {
-        std::process::Command::new("sh").arg("-c").arg(script).output().unwrap()
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap()
     }
 
     #[test]
@@ -81,8 +95,16 @@ mod tests {
         ];
         for value in hostile {
             let variables = vec![
-                Variable { key: "V".into(), value: value.into(), file: false },
-                Variable { key: "F".into(), value: value.into(), file: true },
+                Variable {
+                    key: "V".into(),
+                    value: value.into(),
+                    file: false,
+                },
+                Variable {
+                    key: "F".into(),
+                    value: value.into(),
+                    file: true,
+                },
             ];
             let commands = vec!["printf '%s' \"$V\"; printf '|'; cat \"$F\"".to_string()];
             let output = run_sh(&stage_script(&dir, &variables, &commands));
@@ -97,7 +119,11 @@ mod tests {
     #[test]
     fn failing_command_stops_the_script_with_its_status() {
         let dir = tempfile_dir();
-        let commands = vec!["echo one".to_string(), "exit 7".to_string(), "echo never".to_string()];
+        let commands = vec![
+            "echo one".to_string(),
+            "exit 7".to_string(),
+            "echo never".to_string(),
+        ];
         let output = run_sh(&stage_script(&dir, &[], &commands));
         assert_eq!(output.status.code(), Some(7));
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -10,7 +10,7 @@ use hyper::Uri;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection as HyperConnection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use podfleet_connector::{Connection, ConnectError, Tunnel, TunnelStream};
+use podfleet_connector::{ConnectError, Connection, Tunnel, TunnelStream};
 
 /// Fake host name in request URIs; the real route is the SSH channel (as gitlab-runner's
 /// `internal.tunnel.invalid`).
@@ -74,16 +74,16 @@ impl hyper::rt::Write for TunnelIo {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
 /// A bollard client that reaches the instance's engine through `tunnel` over `connection`.
-pub fn docker_over_ssh(connection: Connection, tunnel: Tunnel) -> Result<Docker, bollard::errors::Error> {
+pub fn docker_over_ssh(
+    connection: Connection,
+    tunnel: Tunnel,
+) -> Result<Docker, bollard::errors::Error> {
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(8)
         .build(TunnelConnector { connection, tunnel });

@@ -7,8 +7,12 @@ use std::time::Duration;
 use podfleet_autoscaler::Autoscaler;
 use podfleet_config::RunnerConfig;
 use podfleet_connector::Connection;
-use podfleet_coordinator::model::{FailureReason, JobResponse, JobState, StepWhen, UpdateJobRequest};
-use podfleet_coordinator::{Client, JobOutcome as FinalOutcome, JobTrace, JobTraceOptions, RemoteState};
+use podfleet_coordinator::model::{
+    FailureReason, JobResponse, JobState, StepWhen, UpdateJobRequest,
+};
+use podfleet_coordinator::{
+    Client, JobOutcome as FinalOutcome, JobTrace, JobTraceOptions, RemoteState,
+};
 use podfleet_executor::{Executor, JobOutcome, JobSpec, TraceSink, Variable};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -46,8 +50,16 @@ impl RunnerContext {
             job_name: job_name.clone(),
         });
         // Two-phase commit: accept the job before doing anything for it.
-        let accept = UpdateJobRequest::new(self.client.info().clone(), payload.token.expose(), JobState::Running);
-        if let Err(e) = self.client.update_job(job_id, payload.token.expose(), &accept).await {
+        let accept = UpdateJobRequest::new(
+            self.client.info().clone(),
+            payload.token.expose(),
+            JobState::Running,
+        );
+        if let Err(e) = self
+            .client
+            .update_job(job_id, payload.token.expose(), &accept)
+            .await
+        {
             tracing::warn!(job_id, error = %e, "accepting the job failed; dropping it");
             return;
         }
@@ -58,7 +70,11 @@ impl RunnerContext {
             JobTraceOptions::for_job(&payload),
         );
         let masker = Arc::new(Mutex::new(Masker::new(
-            payload.variables.iter().filter(|v| v.masked).map(|v| v.value.clone()),
+            payload
+                .variables
+                .iter()
+                .filter(|v| v.masked)
+                .map(|v| v.value.clone()),
         )));
         let sink: TraceSink = {
             let writer = trace.writer();
@@ -92,7 +108,10 @@ impl RunnerContext {
                 format!("\x1b[31;1mERROR: Job failed (system failure): {reason}\x1b[0;m\n")
             }
             JobOutcome::Canceled => "\x1b[31;1mERROR: Job failed: canceled\x1b[0;m\n".to_string(),
-            JobOutcome::TimedOut => "\x1b[31;1mERROR: Job failed: execution took longer than the job timeout\x1b[0;m\n".to_string(),
+            JobOutcome::TimedOut => {
+                "\x1b[31;1mERROR: Job failed: execution took longer than the job timeout\x1b[0;m\n"
+                    .to_string()
+            }
         };
         sink(final_line.as_bytes());
         if let Ok(mut masker) = masker.lock() {
@@ -105,16 +124,22 @@ impl RunnerContext {
                 reason: FailureReason::ScriptFailure,
                 exit_code: i32::try_from(*exit_code).ok(),
             },
-            JobOutcome::ImagePullFailure(_) => {
-                FinalOutcome::Failed { reason: FailureReason::ImagePullFailure, exit_code: None }
-            }
-            JobOutcome::SystemFailure(_) => {
-                FinalOutcome::Failed { reason: FailureReason::RunnerSystemFailure, exit_code: None }
-            }
-            JobOutcome::Canceled => FinalOutcome::Failed { reason: FailureReason::JobCanceled, exit_code: None },
-            JobOutcome::TimedOut => {
-                FinalOutcome::Failed { reason: FailureReason::JobExecutionTimeout, exit_code: None }
-            }
+            JobOutcome::ImagePullFailure(_) => FinalOutcome::Failed {
+                reason: FailureReason::ImagePullFailure,
+                exit_code: None,
+            },
+            JobOutcome::SystemFailure(_) => FinalOutcome::Failed {
+                reason: FailureReason::RunnerSystemFailure,
+                exit_code: None,
+            },
+            JobOutcome::Canceled => FinalOutcome::Failed {
+                reason: FailureReason::JobCanceled,
+                exit_code: None,
+            },
+            JobOutcome::TimedOut => FinalOutcome::Failed {
+                reason: FailureReason::JobExecutionTimeout,
+                exit_code: None,
+            },
         };
         if let Err(e) = trace.finish(final_outcome).await {
             tracing::warn!(job_id, error = %e, "final job update failed");
@@ -162,7 +187,9 @@ impl RunnerContext {
         let connected = async {
             let options = session::connect_options(&self.config, &acquisition.connect_info)
                 .map_err(|e| e.to_string())?;
-            let connection = Connection::connect(&options).await.map_err(|e| e.to_string())?;
+            let connection = Connection::connect(&options)
+                .await
+                .map_err(|e| e.to_string())?;
             let tunnel = session::docker_tunnel(&self.config, &acquisition.connect_info)
                 .map_err(|e| e.to_string())?;
             let executor = Executor::connect(connection.clone(), tunnel)
@@ -176,11 +203,18 @@ impl RunnerContext {
             Err(reason) => {
                 // An instance we cannot reach is no capacity: replace it.
                 self.scaler.release(&acquisition, false);
-                let outcome = JobOutcome::SystemFailure(format!("instance {instance} unreachable: {reason}"));
+                let outcome =
+                    JobOutcome::SystemFailure(format!("instance {instance} unreachable: {reason}"));
                 return (Some(instance), outcome);
             }
         };
-        say(&sink, &format!("Instance {instance} connected (job {} of this instance)", acquisition.use_number));
+        say(
+            &sink,
+            &format!(
+                "Instance {instance} connected (job {} of this instance)",
+                acquisition.use_number
+            ),
+        );
         let outcome = executor.run(&spec, &self.config.docker, sink, cancel).await;
         connection.close().await;
         let healthy = !matches!(outcome, JobOutcome::SystemFailure(_));
@@ -227,7 +261,11 @@ fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, Str
         match (step.name.as_str(), step.when) {
             ("after_script", _) => after_script.extend(step.script.iter().cloned()),
             (_, StepWhen::OnSuccess) => script.extend(step.script.iter().cloned()),
-            (name, when) => return Err(format!("step {name:?} with when {when:?} is not supported yet")),
+            (name, when) => {
+                return Err(format!(
+                    "step {name:?} with when {when:?} is not supported yet"
+                ));
+            }
         }
     }
     if script.is_empty() {
@@ -238,7 +276,10 @@ fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, Str
     } else {
         payload.job_info.project_full_path.clone()
     };
-    let builds_dir = runner.builds_dir.clone().unwrap_or_else(|| "/builds".into());
+    let builds_dir = runner
+        .builds_dir
+        .clone()
+        .unwrap_or_else(|| "/builds".into());
     let project_dir = format!("{builds_dir}/{project}");
     let timeout = match payload.runner_info.timeout {
         t if t > 0 => Duration::from_secs(t as u64),
@@ -247,7 +288,11 @@ fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, Str
     let mut variables: Vec<Variable> = Vec::new();
     let mut set = |key: &str, value: &str, file: bool| {
         variables.retain(|v| v.key != key);
-        variables.push(Variable { key: key.into(), value: value.into(), file });
+        variables.push(Variable {
+            key: key.into(),
+            value: value.into(),
+            file,
+        });
     };
     set("CI_RUNNER_SHORT_TOKEN", &runner.short_token(), false);
     for entry in &runner.environment {
@@ -266,16 +311,28 @@ fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, Str
     }
     set("CI_DISPOSABLE_ENVIRONMENT", "true", false);
     set("CI_RUNNER_VERSION", env!("CARGO_PKG_VERSION"), false);
-    set("CI_RUNNER_EXECUTABLE_ARCH", &format!("linux/{}", std::env::consts::ARCH), false);
+    set(
+        "CI_RUNNER_EXECUTABLE_ARCH",
+        &format!("linux/{}", std::env::consts::ARCH),
+        false,
+    );
     let network_per_build = runner.feature_flag("FF_NETWORK_PER_BUILD");
     if network_per_build {
-        set("CI_BUILD_NETWORK_NAME", &format!("podfleet-job-{}-network", payload.id), false);
+        set(
+            "CI_BUILD_NETWORK_NAME",
+            &format!("podfleet-job-{}-network", payload.id),
+            false,
+        );
     }
     Ok(JobSpec {
         job_id: payload.id,
         name: payload.job_info.name.clone(),
         image,
-        entrypoint: payload.image.as_ref().map(|i| i.entrypoint.clone()).filter(|e| !e.is_empty()),
+        entrypoint: payload
+            .image
+            .as_ref()
+            .map(|i| i.entrypoint.clone())
+            .filter(|e| !e.is_empty()),
         project_dir,
         variables,
         script,

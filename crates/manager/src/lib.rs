@@ -11,8 +11,8 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-use podfleet_autoscaler::{Autoscaler, ScalerEvent, ScalerSettings};
 use podfleet_autoscaler::planner::{Limits, Policy};
+use podfleet_autoscaler::{Autoscaler, ScalerEvent, ScalerSettings};
 use podfleet_config::{Config, RunnerConfig};
 use podfleet_coordinator::Client;
 use podfleet_coordinator::model::RunnerInfo;
@@ -35,10 +35,21 @@ pub enum Shutdown {
 /// What the manager did, for logs and the pipeline view.
 #[derive(Clone, Debug)]
 pub enum ManagerEvent {
-    JobReceived { runner: String, job_id: u64, job_name: String },
-    JobOnInstance { runner: String, job_id: u64, instance: String },
+    JobReceived {
+        runner: String,
+        job_id: u64,
+        job_name: String,
+    },
+    JobOnInstance {
+        runner: String,
+        job_id: u64,
+        instance: String,
+    },
     JobFinished(JobReport),
-    Scaler { runner: String, event: ScalerEvent },
+    Scaler {
+        runner: String,
+        event: ScalerEvent,
+    },
 }
 
 /// One `[[runners]]` entry with the provider of its instances.
@@ -57,7 +68,12 @@ pub struct Manager {
 impl Manager {
     pub fn new(config: Config, runners: Vec<RunnerSetup>, system_id: String) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Self { config, runners, system_id, events }
+        Self {
+            config,
+            runners,
+            system_id,
+            events,
+        }
     }
 
     pub fn events(&self) -> broadcast::Receiver<ManagerEvent> {
@@ -83,7 +99,9 @@ impl Manager {
             };
             let scaler = Autoscaler::start(
                 setup.provider.clone(),
-                Arc::new(readiness::InstanceReadiness { runner: setup.config.clone() }),
+                Arc::new(readiness::InstanceReadiness {
+                    runner: setup.config.clone(),
+                }),
                 scaler_settings(&setup.config, setup.provider.info().max_size),
             );
             forward_scaler_events(&scaler, &setup.config.name, self.events.clone());
@@ -137,7 +155,11 @@ impl Manager {
     }
 }
 
-fn forward_scaler_events(scaler: &Autoscaler, runner: &str, events: broadcast::Sender<ManagerEvent>) {
+fn forward_scaler_events(
+    scaler: &Autoscaler,
+    runner: &str,
+    events: broadcast::Sender<ManagerEvent>,
+) {
     let mut receiver = scaler.events();
     let runner = runner.to_string();
     tokio::spawn(async move {
@@ -145,7 +167,10 @@ fn forward_scaler_events(scaler: &Autoscaler, runner: &str, events: broadcast::S
             match receiver.recv().await {
                 Ok(event) => {
                     tracing::info!(runner = %runner, ?event, "autoscaler");
-                    let _ = events.send(ManagerEvent::Scaler { runner: runner.clone(), event });
+                    let _ = events.send(ManagerEvent::Scaler {
+                        runner: runner.clone(),
+                        event,
+                    });
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => break,
@@ -158,12 +183,15 @@ fn scaler_settings(runner: &RunnerConfig, max_size: usize) -> ScalerSettings {
     let autoscaler = runner.autoscaler.clone().unwrap_or_default();
     // The incumbent's rule: the last policy wins. Periods and time zones are the full
     // autoscaler issue's; here every policy is taken as active.
-    let policy = autoscaler.policy.last().map_or_else(Policy::default, |p| Policy {
-        idle_count: p.idle_count as usize,
-        idle_time: p.idle_time,
-        scale_factor: p.scale_factor,
-        scale_factor_limit: p.scale_factor_limit as usize,
-    });
+    let policy = autoscaler
+        .policy
+        .last()
+        .map_or_else(Policy::default, |p| Policy {
+            idle_count: p.idle_count as usize,
+            idle_time: p.idle_time,
+            scale_factor: p.scale_factor,
+            scale_factor_limit: p.scale_factor_limit as usize,
+        });
     ScalerSettings {
         limits: Limits {
             capacity_per_instance: autoscaler.capacity_per_instance.max(1) as usize,
@@ -174,7 +202,9 @@ fn scaler_settings(runner: &RunnerConfig, max_size: usize) -> ScalerSettings {
         policy,
         update_interval: autoscaler.update_interval,
         update_interval_when_expecting: autoscaler.update_interval_when_expecting,
-        creation_timeout: autoscaler.instance_acquire_timeout.max(Duration::from_secs(60)),
+        creation_timeout: autoscaler
+            .instance_acquire_timeout
+            .max(Duration::from_secs(60)),
         delete_instances_on_shutdown: autoscaler.delete_instances_on_shutdown,
         shutdown_deletion_interval: autoscaler.shutdown_deletion_interval,
         shutdown_deletion_retries: autoscaler.shutdown_deletion_retries,
@@ -201,8 +231,12 @@ async fn poll_loop(
             if !runner.scaler.has_room() {
                 break 'poll false;
             }
-            let Ok(global) = concurrent.clone().try_acquire_owned() else { break 'poll false };
-            let Ok(local) = runner_slots.clone().try_acquire_owned() else { break 'poll false };
+            let Ok(global) = concurrent.clone().try_acquire_owned() else {
+                break 'poll false;
+            };
+            let Ok(local) = runner_slots.clone().try_acquire_owned() else {
+                break 'poll false;
+            };
             match runner.client.request_job(&token, &mut last_update).await {
                 Ok(Some(payload)) => {
                     let runner = runner.clone();

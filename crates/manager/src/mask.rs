@@ -10,11 +10,17 @@ pub struct Masker {
 impl Masker {
     /// Phrases shorter than 1 byte are ignored; longer phrases win over their prefixes.
     pub fn new(phrases: impl IntoIterator<Item = String>) -> Self {
-        let mut phrases: Vec<Vec<u8>> =
-            phrases.into_iter().filter(|p| !p.is_empty()).map(String::into_bytes).collect();
+        let mut phrases: Vec<Vec<u8>> = phrases
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(String::into_bytes)
+            .collect();
         phrases.sort_by_key(|p| std::cmp::Reverse(p.len()));
         phrases.dedup();
-        Self { phrases, held: Vec::new() }
+        Self {
+            phrases,
+            held: Vec::new(),
+        }
     }
 
     /// Takes a chunk of output; returns what can be emitted now.
@@ -72,7 +78,10 @@ mod tests {
 
     #[test]
     fn masks_across_chunk_boundaries() {
-        assert_eq!(run(&["s3cret-value"], &["a s3c", "ret-va", "lue b"]), "a [MASKED] b");
+        assert_eq!(
+            run(&["s3cret-value"], &["a s3c", "ret-va", "lue b"]),
+            "a [MASKED] b"
+        );
         assert_eq!(run(&["s3cret-value"], &["s3cret-valu"]), "s3cret-valu");
         for split in 0..=20 {
             let text = "xx topsecret123 yy topsecret123";
@@ -83,6 +92,9 @@ mod tests {
 
     #[test]
     fn longest_phrase_first() {
-        assert_eq!(run(&["abc", "abcdef"], &["xabcdefx abcx"]), "x[MASKED]x [MASKED]x");
+        assert_eq!(
+            run(&["abc", "abcdef"], &["xabcdefx abcx"]),
+            "x[MASKED]x [MASKED]x"
+        );
     }
 }

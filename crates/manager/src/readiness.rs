@@ -21,7 +21,9 @@ pub struct InstanceReadiness {
 impl ReadinessCheck for InstanceReadiness {
     async fn check(&self, id: &InstanceId, info: &ConnectInfo) -> Result<(), String> {
         let options = session::connect_options(&self.runner, info).map_err(|e| e.to_string())?;
-        let connection = Connection::connect(&options).await.map_err(|e| e.to_string())?;
+        let connection = Connection::connect(&options)
+            .await
+            .map_err(|e| e.to_string())?;
         let result = self.check_connected(id, info, &connection).await;
         connection.close().await;
         result

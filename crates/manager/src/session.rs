@@ -12,16 +12,25 @@ const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("connector_config.key_path {path}: {source}")]
-    Key { path: String, source: std::io::Error },
+    Key {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no SSH user for the instance: set connector_config.username")]
     NoUser,
     #[error(transparent)]
     Tunnel(#[from] ConnectError),
 }
 
-pub fn connect_options(runner: &RunnerConfig, info: &ConnectInfo) -> Result<ConnectOptions, SessionError> {
+pub fn connect_options(
+    runner: &RunnerConfig,
+    info: &ConnectInfo,
+) -> Result<ConnectOptions, SessionError> {
     let connector = runner.autoscaler.as_ref().map(|a| &a.connector_config);
-    let addr = match (connector.map(|c| c.use_external_addr).unwrap_or(false), &info.external_addr) {
+    let addr = match (
+        connector.map(|c| c.use_external_addr).unwrap_or(false),
+        &info.external_addr,
+    ) {
         (true, Some(external)) => external.clone(),
         _ => info.internal_addr.clone(),
     };
@@ -32,14 +41,18 @@ pub fn connect_options(runner: &RunnerConfig, info: &ConnectInfo) -> Result<Conn
         .clone()
         .or_else(|| connector.and_then(|c| c.username.clone()))
         .ok_or(SessionError::NoUser)?;
-    let password = info
-        .password
-        .clone()
-        .or_else(|| connector.and_then(|c| c.password.as_ref()).map(|p| SecretString::new(p.expose())));
+    let password = info.password.clone().or_else(|| {
+        connector
+            .and_then(|c| c.password.as_ref())
+            .map(|p| SecretString::new(p.expose()))
+    });
     let private_key = match connector.and_then(|c| c.key_path.as_ref()) {
-        Some(path) => Some(SecretString::new(std::fs::read_to_string(path).map_err(|source| {
-            SessionError::Key { path: path.display().to_string(), source }
-        })?)),
+        Some(path) => Some(SecretString::new(std::fs::read_to_string(path).map_err(
+            |source| SessionError::Key {
+                path: path.display().to_string(),
+                source,
+            },
+        )?)),
         None => info.private_key.clone(),
     };
     let host_key = match &info.host_key {
@@ -52,7 +65,9 @@ pub fn connect_options(runner: &RunnerConfig, info: &ConnectInfo) -> Result<Conn
         password,
         private_key,
         host_key,
-        timeout: connector.and_then(|c| c.timeout).unwrap_or(Duration::from_secs(60)),
+        timeout: connector
+            .and_then(|c| c.timeout)
+            .unwrap_or(Duration::from_secs(60)),
         keepalive: connector.and_then(|c| c.keepalive),
     })
 }

@@ -12,7 +12,11 @@ use podfleet_manager::Shutdown;
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(name = "podfleet", version, about = "Autoscaling rootless CI job runner for GitLab on Podman")]
+#[command(
+    name = "podfleet",
+    version,
+    about = "Autoscaling rootless CI job runner for GitLab on Podman"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,7 +65,9 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Config { command: ConfigCommand::Check { file } } => config_check(&file),
+            Command::Config {
+                command: ConfigCommand::Check { file },
+            } => config_check(&file),
             Command::Pipeline(args) => pipeline::run(args).await,
             Command::Run { config } => run_manager(&config).await,
         }
@@ -104,7 +110,10 @@ async fn run_manager(path: &std::path::Path) -> ExitCode {
     let mut runners = Vec::new();
     for runner in &config.runners {
         match providers::provider_for(runner).await {
-            Ok(provider) => runners.push(podfleet_manager::RunnerSetup { config: runner.clone(), provider }),
+            Ok(provider) => runners.push(podfleet_manager::RunnerSetup {
+                config: runner.clone(),
+                provider,
+            }),
             Err(e) => {
                 eprintln!("podfleet: {e:#}");
                 return ExitCode::from(EXIT_BAD_INPUT);

@@ -68,11 +68,17 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     let text = match std::fs::read_to_string(&args.file) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("podfleet: cannot read pipeline {}: {e}", args.file.display());
+            eprintln!(
+                "podfleet: cannot read pipeline {}: {e}",
+                args.file.display()
+            );
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    let pipeline = match podfleet_local_coordinator::pipeline::parse_pipeline(&text, &args.file.display().to_string()) {
+    let pipeline = match podfleet_local_coordinator::pipeline::parse_pipeline(
+        &text,
+        &args.file.display().to_string(),
+    ) {
         Ok(pipeline) => pipeline,
         Err(e) => {
             eprintln!("{e}");
@@ -103,13 +109,14 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
         .and_then(|p| p.parent().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("."));
     let options = LocalCoordinatorOptions::new(project_dir);
-    let coordinator = match LocalCoordinator::start(listener, pipeline, registrations, options).await {
-        Ok(handle) => handle,
-        Err(e) => {
-            eprintln!("podfleet: {e}");
-            return ExitCode::from(EXIT_BAD_INPUT);
-        }
-    };
+    let coordinator =
+        match LocalCoordinator::start(listener, pipeline, registrations, options).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                eprintln!("podfleet: {e}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        };
     let mut pipeline_events = coordinator.events();
     for runner in &mut config.runners {
         runner.url = coordinator.url.clone();
@@ -117,7 +124,10 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     let mut runners = Vec::new();
     for runner in &config.runners {
         match crate::providers::provider_for(runner).await {
-            Ok(provider) => runners.push(RunnerSetup { config: runner.clone(), provider }),
+            Ok(provider) => runners.push(RunnerSetup {
+                config: runner.clone(),
+                provider,
+            }),
             Err(e) => {
                 eprintln!("podfleet: {e:#}");
                 return ExitCode::from(EXIT_BAD_INPUT);
@@ -199,10 +209,16 @@ struct Placement {
 
 fn print_manager_event(event: &ManagerEvent, placement: &mut Placement) {
     match event {
-        ManagerEvent::JobReceived { job_id, job_name, .. } => {
+        ManagerEvent::JobReceived {
+            job_id, job_name, ..
+        } => {
             placement.names.insert(*job_id, job_name.clone());
         }
-        ManagerEvent::JobOnInstance { runner, job_id, instance } => {
+        ManagerEvent::JobOnInstance {
+            runner,
+            job_id,
+            instance,
+        } => {
             if let Some(name) = placement.names.get(job_id) {
                 placement.instances.insert(name.clone(), instance.clone());
             }
@@ -211,11 +227,15 @@ fn print_manager_event(event: &ManagerEvent, placement: &mut Placement) {
         ManagerEvent::Scaler { runner, event } => {
             let line = match event {
                 ScalerEvent::Requested { count } => format!("creating {count} instance(s)"),
-                ScalerEvent::Ready { id, seconds } => format!("instance {id} created and ready ({seconds}s)"),
+                ScalerEvent::Ready { id, seconds } => {
+                    format!("instance {id} created and ready ({seconds}s)")
+                }
                 ScalerEvent::Retiring { id, use_count } => {
                     format!("instance {id} used {use_count} time(s): retiring (max_use_count)")
                 }
-                ScalerEvent::Deleting { id, reason } => format!("deleting instance {id} ({reason})"),
+                ScalerEvent::Deleting { id, reason } => {
+                    format!("deleting instance {id} ({reason})")
+                }
                 ScalerEvent::Deleted { id } => format!("instance {id} deleted"),
                 ScalerEvent::Failed { id, reason } => format!("instance {id} failed: {reason}"),
             };
@@ -241,14 +261,19 @@ fn print_lines(name: &str, partial: &mut Vec<u8>, bytes: &[u8], flush: bool) {
 
 fn print_summary(report: &PipelineReport, instances: &HashMap<String, String>) {
     println!();
-    println!("{:<24} {:<10} {:<9} {:>5}  {:<20} INSTANCE", "JOB", "STAGE", "STATUS", "EXIT", "RUNNER");
+    println!(
+        "{:<24} {:<10} {:<9} {:>5}  {:<20} INSTANCE",
+        "JOB", "STAGE", "STATUS", "EXIT", "RUNNER"
+    );
     for job in &report.jobs {
         println!(
             "{:<24} {:<10} {:<9} {:>5}  {:<20} {}",
             job.name,
             job.stage,
             job.status.as_str(),
-            job.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            job.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
             job.runner.clone().unwrap_or_else(|| "-".into()),
             instances.get(&job.name).map_or("-", String::as_str),
         );
@@ -284,5 +309,9 @@ fn report_json(report: &PipelineReport, instances: &HashMap<String, String>) -> 
         "success" => "success",
         _ => "failed",
     };
-    serde_json::to_string_pretty(&Report { status: status.into(), jobs }).unwrap_or_default()
+    serde_json::to_string_pretty(&Report {
+        status: status.into(),
+        jobs,
+    })
+    .unwrap_or_default()
 }

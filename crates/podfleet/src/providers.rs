@@ -9,7 +9,10 @@ use podfleet_provider_local::{InstanceCredentials, LocalProvider, LocalSettings}
 
 pub async fn provider_for(runner: &RunnerConfig) -> anyhow::Result<Arc<dyn Provider>> {
     let Some(autoscaler) = &runner.autoscaler else {
-        bail!("runner {:?} has no [runners.autoscaler] section", runner.name);
+        bail!(
+            "runner {:?} has no [runners.autoscaler] section",
+            runner.name
+        );
     };
     match autoscaler.plugin.as_str() {
         "local" | "podfleet-local" => {
@@ -21,7 +24,10 @@ pub async fn provider_for(runner: &RunnerConfig) -> anyhow::Result<Arc<dyn Provi
                 None => None,
             };
             let credentials = InstanceCredentials {
-                password: connector.password.as_ref().map(|p| SecretString::new(p.expose())),
+                password: connector
+                    .password
+                    .as_ref()
+                    .map(|p| SecretString::new(p.expose())),
                 authorized_key,
             };
             let provider = LocalProvider::new(settings, credentials)

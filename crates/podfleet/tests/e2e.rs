@@ -9,14 +9,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PASSWORD: &str = "e2e-Pa55word-that-must-not-leak";
-const TOKENS: [&str; 2] = ["glrt-e2e-unprivileged-Tok3n-91c7", "glrt-e2e-privileged-Tok3n-44d2"];
+const TOKENS: [&str; 2] = [
+    "glrt-e2e-unprivileged-Tok3n-91c7",
+    "glrt-e2e-privileged-Tok3n-44d2",
+];
 
 fn podfleet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_podfleet"))
 }
 
 fn data(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 /// Writes the e2e config with its own state dir and group names.
@@ -50,12 +55,23 @@ fn sshd_running_for(state_dir: &Path) -> bool {
 
 /// Asserts that nothing of the test's instances is left on the host.
 fn assert_nothing_left(dir: &Path, group: &str) {
-    assert_eq!(instance_users(group), Vec::<String>::new(), "instance users left behind");
-    assert!(!sshd_running_for(&dir.join("state")), "managed sshd left running");
+    assert_eq!(
+        instance_users(group),
+        Vec::<String>::new(),
+        "instance users left behind"
+    );
+    assert!(
+        !sshd_running_for(&dir.join("state")),
+        "managed sshd left running"
+    );
     let homes: Vec<_> = std::fs::read_dir("/home")
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("pf-{group}")))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("pf-{group}"))
+        })
         .collect();
     assert!(homes.is_empty(), "home directories left: {homes:?}");
 }
@@ -103,7 +119,13 @@ fn pipeline_routes_by_tag_isolates_privileges_fails_and_cleans_up() {
             .clone()
     };
     // Untagged jobs never run on the privileged runner; the tagged one only there.
-    for name in ["untagged-1", "untagged-2", "untagged-3", "exit-three", "missing-image"] {
+    for name in [
+        "untagged-1",
+        "untagged-2",
+        "untagged-3",
+        "exit-three",
+        "missing-image",
+    ] {
         assert_eq!(job(name)["runner"], "unprivileged", "{name}: {all}");
     }
     assert_eq!(job("privileged")["runner"], "privileged", "{all}");
@@ -116,32 +138,61 @@ fn pipeline_routes_by_tag_isolates_privileges_fails_and_cleans_up() {
     // A missing image fails that job with a message naming the image.
     assert_eq!(job("missing-image")["status"], "failed");
     assert!(
-        stdout.lines().any(|l| l.contains("missing-image |") && l.contains("localhost/does-not-exist:1")),
+        stdout
+            .lines()
+            .any(|l| l.contains("missing-image |") && l.contains("localhost/does-not-exist:1")),
         "{all}"
     );
     // Privileged containers get the full capability set; unprivileged ones do not.
     let privileged = cap_bits(&stdout, "privileged");
     let unprivileged = cap_bits(&stdout, "untagged-1");
-    assert!(privileged >= 38, "privileged job has only {privileged} capabilities");
-    assert!(unprivileged <= 16, "unprivileged job has {unprivileged} capabilities");
+    assert!(
+        privileged >= 38,
+        "privileged job has only {privileged} capabilities"
+    );
+    assert!(
+        unprivileged <= 16,
+        "unprivileged job has {unprivileged} capabilities"
+    );
     // max_use_count = 2 with one instance at a time: five untagged jobs need three instances,
     // none used more than twice.
     let mut uses = std::collections::HashMap::new();
-    for name in ["untagged-1", "untagged-2", "untagged-3", "exit-three", "missing-image"] {
-        let instance = job(name)["instance"].as_str().unwrap_or_default().to_string();
-        assert!(instance.starts_with(&format!("pf-{group}u-")), "{name} ran on {instance:?}");
+    for name in [
+        "untagged-1",
+        "untagged-2",
+        "untagged-3",
+        "exit-three",
+        "missing-image",
+    ] {
+        let instance = job(name)["instance"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            instance.starts_with(&format!("pf-{group}u-")),
+            "{name} ran on {instance:?}"
+        );
         *uses.entry(instance).or_insert(0) += 1;
     }
-    assert!(uses.values().all(|&n| n <= 2), "an instance ran more than max_use_count jobs: {uses:?}");
+    assert!(
+        uses.values().all(|&n| n <= 2),
+        "an instance ran more than max_use_count jobs: {uses:?}"
+    );
     assert!(uses.len() >= 3, "instances were not retired: {uses:?}");
     assert!(stdout.contains("retiring (max_use_count)"), "{all}");
     // The instances were created and deleted, and the output says so.
-    assert!(stdout.contains("created and ready") && stdout.contains("deleting instance"), "{all}");
+    assert!(
+        stdout.contains("created and ready") && stdout.contains("deleting instance"),
+        "{all}"
+    );
     // No secret from the config appears in any output.
     let report_text = std::fs::read_to_string(&report_path).unwrap();
     for secret in [PASSWORD, TOKENS[0], TOKENS[1]] {
         assert!(!all.contains(secret), "secret leaked into the output");
-        assert!(!report_text.contains(secret), "secret leaked into the report");
+        assert!(
+            !report_text.contains(secret),
+            "secret leaked into the report"
+        );
     }
     assert_nothing_left(dir.path(), group);
 }
@@ -172,7 +223,11 @@ fn ctrl_c_stops_running_jobs_and_deletes_instances() {
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while !seen.lock().unwrap().contains("started sleeping") {
-        assert!(Instant::now() < deadline, "job never started:\n{}", seen.lock().unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "job never started:\n{}",
+            seen.lock().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let pid = child.id() as i32;
@@ -183,7 +238,10 @@ fn ctrl_c_stops_running_jobs_and_deletes_instances() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "podfleet did not stop after SIGINT");
+        assert!(
+            Instant::now() < deadline,
+            "podfleet did not stop after SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     reader.join().unwrap();
@@ -195,26 +253,61 @@ fn ctrl_c_stops_running_jobs_and_deletes_instances() {
 
 #[test]
 fn config_check_reports_every_problem_with_line_and_column() {
-    let output = podfleet().args(["config", "check"]).arg(data("bad-config.toml")).output().unwrap();
+    let output = podfleet()
+        .args(["config", "check"])
+        .arg(data("bad-config.toml"))
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    for expected in ["bad-config.toml:1:14:", "bad-config.toml:3:1:", "bad-config.toml:7:9:", "bad-config.toml:11:1:", "idle_tme", "bad-config.toml:12:17:"] {
-        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    for expected in [
+        "bad-config.toml:1:14:",
+        "bad-config.toml:3:1:",
+        "bad-config.toml:7:9:",
+        "bad-config.toml:11:1:",
+        "idle_tme",
+        "bad-config.toml:12:17:",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
     }
-    assert!(!stderr.contains("glrt-bad-config-secret-token"), "token leaked:\n{stderr}");
+    assert!(
+        !stderr.contains("glrt-bad-config-secret-token"),
+        "token leaked:\n{stderr}"
+    );
 
-    let output = podfleet().args(["config", "check"]).arg(data("seed-appendix-a.toml")).output().unwrap();
+    let output = podfleet()
+        .args(["config", "check"])
+        .arg(data("seed-appendix-a.toml"))
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
-    for secret in ["example-password-123", "glrt-unprivileged-token-0001", "glrt-privileged-token-0002"] {
-        assert!(!stdout.contains(secret) && !String::from_utf8_lossy(&output.stderr).contains(secret));
+    for secret in [
+        "example-password-123",
+        "glrt-unprivileged-token-0001",
+        "glrt-privileged-token-0002",
+    ] {
+        assert!(
+            !stdout.contains(secret) && !String::from_utf8_lossy(&output.stderr).contains(secret)
+        );
     }
 }
 
 #[test]
 fn unreadable_inputs_exit_2() {
-    let output = podfleet().args(["config", "check", "/nonexistent/config.toml"]).output().unwrap();
+    let output = podfleet()
+        .args(["config", "check", "/nonexistent/config.toml"])
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/config.toml"));
     let output = podfleet()

@@ -63,6 +63,7 @@ impl LocalProvider {
         for d in [&settings.state_dir, &dir, &dir.join("images")] {
             set_mode(d, 0o755).map_err(|e| platform(format!("chmod {}: {e}", d.display())))?;
         }
+        check_reachable_by_instances(&dir.join("images"))?;
         // Without a password the instances are reached by key (given or generated).
         if credentials.password.is_none() || credentials.authorized_key.is_some() {
             check_trusted_by_sshd(&dir)?;
@@ -178,6 +179,28 @@ fn check_trusted_by_sshd(dir: &Path) -> Result<(), ProviderError> {
                  can write (the default is /var/lib/podfleet/local)",
                 dir.display(),
                 ancestor.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Instance users load image archives from `<state>/<group>/images`: every directory above
+/// it must let others through, or each creation fails with "permission denied".
+fn check_reachable_by_instances(dir: &Path) -> Result<(), ProviderError> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::canonicalize(dir)
+        .map_err(|e| platform(format!("resolve state dir {}: {e}", dir.display())))?;
+    for ancestor in dir.ancestors() {
+        let meta = std::fs::metadata(ancestor)
+            .map_err(|e| platform(format!("stat {}: {e}", ancestor.display())))?;
+        if meta.mode() & 0o001 == 0 {
+            return Err(ProviderError::Config(format!(
+                "state_dir: instance users cannot reach {} because {} is not searchable by \
+                 others (mode {:o}); chmod o+x it or choose another state_dir",
+                dir.display(),
+                ancestor.display(),
+                meta.mode() & 0o7777
             )));
         }
     }
