@@ -9,6 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PASSWORD: &str = "e2e-Pa55word-that-must-not-leak";
+/// Jobs of the e2e pipeline without tags: they must all run on the unprivileged runner.
+const UNTAGGED_JOBS: [&str; 5] = [
+    "untagged-1",
+    "untagged-2",
+    "untagged-3",
+    "exit-three",
+    "missing-image",
+];
 const TOKENS: [&str; 2] = [
     "glrt-e2e-unprivileged-Tok3n-91c7",
     "glrt-e2e-privileged-Tok3n-44d2",
@@ -119,13 +127,7 @@ fn pipeline_routes_by_tag_isolates_privileges_fails_and_cleans_up() {
             .clone()
     };
     // Untagged jobs never run on the privileged runner; the tagged one only there.
-    for name in [
-        "untagged-1",
-        "untagged-2",
-        "untagged-3",
-        "exit-three",
-        "missing-image",
-    ] {
+    for name in UNTAGGED_JOBS {
         assert_eq!(job(name)["runner"], "unprivileged", "{name}: {all}");
     }
     assert_eq!(job("privileged")["runner"], "privileged", "{all}");
@@ -157,13 +159,7 @@ fn pipeline_routes_by_tag_isolates_privileges_fails_and_cleans_up() {
     // max_use_count = 2 with one instance at a time: five untagged jobs need three instances,
     // none used more than twice.
     let mut uses = std::collections::HashMap::new();
-    for name in [
-        "untagged-1",
-        "untagged-2",
-        "untagged-3",
-        "exit-three",
-        "missing-image",
-    ] {
+    for name in UNTAGGED_JOBS {
         let instance = job(name)["instance"]
             .as_str()
             .unwrap_or_default()

@@ -167,44 +167,49 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 /// line in sshd's log as the only hint. Refuse such a state dir up front instead.
 fn check_trusted_by_sshd(dir: &Path) -> Result<(), ProviderError> {
     use std::os::unix::fs::MetadataExt;
+    match first_ancestor(dir, |meta| meta.uid() != 0 || meta.mode() & 0o022 != 0)? {
+        Some((ancestor, _)) => Err(ProviderError::Config(format!(
+            "state_dir {}: sshd refuses authorized keys below {}, which is not owned by \
+             root or is writable by others; choose a state_dir whose parents only root \
+             can write (the default is /var/lib/podfleet/local)",
+            dir.display(),
+            ancestor.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The first of `dir` and its ancestors (resolved) whose metadata matches.
+fn first_ancestor(
+    dir: &Path,
+    matches: impl Fn(&std::fs::Metadata) -> bool,
+) -> Result<Option<(PathBuf, std::fs::Metadata)>, ProviderError> {
     let dir = std::fs::canonicalize(dir)
         .map_err(|e| platform(format!("resolve state dir {}: {e}", dir.display())))?;
     for ancestor in dir.ancestors() {
         let meta = std::fs::metadata(ancestor)
             .map_err(|e| platform(format!("stat {}: {e}", ancestor.display())))?;
-        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-            return Err(ProviderError::Config(format!(
-                "state_dir {}: sshd refuses authorized keys below {}, which is not owned by \
-                 root or is writable by others; choose a state_dir whose parents only root \
-                 can write (the default is /var/lib/podfleet/local)",
-                dir.display(),
-                ancestor.display()
-            )));
+        if matches(&meta) {
+            return Ok(Some((ancestor.to_path_buf(), meta)));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Instance users load image archives from `<state>/<group>/images`: every directory above
 /// it must let others through, or each creation fails with "permission denied".
 fn check_reachable_by_instances(dir: &Path) -> Result<(), ProviderError> {
     use std::os::unix::fs::MetadataExt;
-    let dir = std::fs::canonicalize(dir)
-        .map_err(|e| platform(format!("resolve state dir {}: {e}", dir.display())))?;
-    for ancestor in dir.ancestors() {
-        let meta = std::fs::metadata(ancestor)
-            .map_err(|e| platform(format!("stat {}: {e}", ancestor.display())))?;
-        if meta.mode() & 0o001 == 0 {
-            return Err(ProviderError::Config(format!(
-                "state_dir: instance users cannot reach {} because {} is not searchable by \
-                 others (mode {:o}); chmod o+x it or choose another state_dir",
-                dir.display(),
-                ancestor.display(),
-                meta.mode() & 0o7777
-            )));
-        }
+    match first_ancestor(dir, |meta| meta.mode() & 0o001 == 0)? {
+        Some((ancestor, meta)) => Err(ProviderError::Config(format!(
+            "state_dir: instance users cannot reach {} because {} is not searchable by \
+             others (mode {:o}); chmod o+x it or choose another state_dir",
+            dir.display(),
+            ancestor.display(),
+            meta.mode() & 0o7777
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn runtime_dir(uid: u32) -> PathBuf {
