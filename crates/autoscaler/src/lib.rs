@@ -251,7 +251,15 @@ impl Autoscaler {
 
     async fn delete_all(&self) {
         let settings = &self.inner.settings;
-        for attempt in 0..=settings.shutdown_deletion_retries.max(1) * 10 {
+        let mut asked: Vec<InstanceId> = Vec::new();
+        // shutdown_deletion_interval × shutdown_deletion_retries bounds the wait (10 s × 3
+        // by default), polling faster than the interval so a quick provider exits quickly.
+        let deadline = Instant::now()
+            + (settings.shutdown_deletion_interval * settings.shutdown_deletion_retries.max(1))
+                .max(Duration::from_secs(10));
+        let mut attempt = 0;
+        while Instant::now() < deadline {
+            attempt += 1;
             let listed = match self.inner.provider.list().await {
                 Ok(listed) => listed,
                 Err(e) => {
@@ -260,12 +268,22 @@ impl Autoscaler {
                     continue;
                 }
             };
+            asked.retain(|id| {
+                let present = listed.iter().any(|i| &i.id == id);
+                if !present {
+                    let _ = self
+                        .inner
+                        .events
+                        .send(ScalerEvent::Deleted { id: id.clone() });
+                }
+                present
+            });
             if listed.is_empty() {
                 return;
             }
             let ids: Vec<InstanceId> = listed
                 .iter()
-                .filter(|i| i.state != InstanceState::Deleting)
+                .filter(|i| i.state != InstanceState::Deleting && !asked.contains(&i.id))
                 .map(|i| i.id.clone())
                 .collect();
             if !ids.is_empty() {
@@ -275,8 +293,11 @@ impl Autoscaler {
                         reason: "shutdown".into(),
                     });
                 }
-                if let Err(e) = self.inner.provider.decrease(&ids).await {
-                    tracing::warn!(error = %e, attempt, "deleting instances on shutdown failed");
+                match self.inner.provider.decrease(&ids).await {
+                    Ok(accepted) => asked.extend(accepted),
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "deleting instances on shutdown failed")
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

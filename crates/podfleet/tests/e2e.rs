@@ -313,3 +313,71 @@ fn unreadable_inputs_exit_2() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/.gitlab-ci.yml"));
 }
+
+/// `podfleet run` against a coordinator URL (here the embedded coordinator, served by the
+/// test itself): the daemon takes the job, and SIGQUIT drains it and deletes the instances.
+#[test]
+fn run_daemon_serves_a_coordinator_and_drains_on_sigquit() {
+    use podfleet_local_coordinator::{
+        LocalCoordinator, LocalCoordinatorOptions, RunnerRegistration,
+    };
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let group = "e2ec";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let pipeline = podfleet_local_coordinator::parse_pipeline(
+        "only:\n  script:\n    - echo served by the daemon\n",
+        "inline",
+    )
+    .unwrap();
+    let runners = vec![
+        RunnerRegistration {
+            token: TOKENS[0].into(),
+            description: "unprivileged".into(),
+            tags: vec![],
+            run_untagged: true,
+        },
+        RunnerRegistration {
+            token: TOKENS[1].into(),
+            description: "privileged".into(),
+            tags: vec!["pinp".into()],
+            run_untagged: false,
+        },
+    ];
+    let coordinator = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        LocalCoordinator::start(
+            listener,
+            pipeline,
+            runners,
+            LocalCoordinatorOptions::new(dir.path()),
+        )
+        .await
+        .unwrap()
+    });
+    let config = config_in(dir.path(), group);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "url = \"http://127.0.0.1/\"",
+        &format!("url = {:?}", coordinator.url),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = podfleet()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    let report = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(180), coordinator.wait()).await
+    });
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGQUIT) };
+    let status = child.wait().unwrap();
+    let report = report.expect("the daemon never finished the job");
+    assert_eq!(report.jobs[0].status.as_str(), "success", "{report:?}");
+    assert_eq!(report.jobs[0].runner.as_deref(), Some("unprivileged"));
+    let trace = String::from_utf8_lossy(&coordinator.trace(1).unwrap_or_default()).into_owned();
+    assert!(trace.contains("served by the daemon"), "{trace}");
+    assert!(status.success(), "daemon exit: {status}");
+    assert_nothing_left(dir.path(), group);
+}
