@@ -97,6 +97,21 @@ impl Manager {
                     continue;
                 }
             };
+            // Like gitlab-runner's start-up: a token the coordinator refuses disables that
+            // runner (and says so) instead of polling with it forever.
+            match client.verify_runner(setup.config.token.expose()).await {
+                Ok(_) => {}
+                Err(e) if e.status() == Some(403) => {
+                    tracing::error!(
+                        runner = %setup.config.name,
+                        "runner token refused by the coordinator (403): runner disabled; check its token"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(runner = %setup.config.name, error = %e, "verifying the runner failed; polling anyway")
+                }
+            }
             let scaler = Autoscaler::start(
                 setup.provider.clone(),
                 Arc::new(readiness::InstanceReadiness {
