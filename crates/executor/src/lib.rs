@@ -43,6 +43,9 @@ pub struct JobSpec {
     pub after_script: Vec<String>,
     pub network_per_build: bool,
     pub timeout: Duration,
+    /// The runner's `shell`: `bash` runs the script in bash when the image has it and
+    /// falls back to sh (as gitlab-runner's shell detection does); anything else uses sh.
+    pub shell: String,
 }
 
 /// How a job ended, as far as the instance is concerned.
@@ -61,6 +64,35 @@ pub enum JobOutcome {
     Canceled,
     /// Ran past its timeout.
     TimedOut,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_command;
+
+    #[test]
+    fn bash_runs_when_present_and_sh_otherwise() {
+        let script = "echo \"$0\" ${BASH_VERSION:+bash}; echo 'it''s' \"$1\"".to_string();
+        let run = |path: &str| {
+            let command = shell_command("bash", script.clone());
+            let output = std::process::Command::new(&command[0])
+                .args(&command[1..])
+                .env("PATH", path)
+                .output()
+                .unwrap();
+            String::from_utf8(output.stdout).unwrap()
+        };
+        assert!(
+            run("/usr/bin:/bin").contains("bash\n"),
+            "bash not used when present"
+        );
+        let sh_only = std::env::temp_dir().join(format!("podfleet-sh-only-{}", std::process::id()));
+        std::fs::create_dir_all(&sh_only).unwrap();
+        let _ = std::os::unix::fs::symlink("/bin/sh", sh_only.join("sh"));
+        let out = run(&sh_only.to_string_lossy());
+        assert!(!out.contains("bash") && out.contains("its"), "{out}");
+        assert_eq!(shell_command("sh", "x".into()), vec!["sh", "-c", "x"]);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,13 +387,25 @@ fn container_body(
     ContainerCreateBody {
         image: Some(job.image.clone()),
         entrypoint,
-        cmd: Some(vec!["sh".into(), "-c".into(), script]),
+        cmd: Some(shell_command(&job.shell, script)),
         working_dir: None,
         user: config.user.clone(),
         labels: Some(resources.labels()),
         volumes: (!anonymous.is_empty()).then_some(anonymous),
         host_config: Some(host_config),
         ..Default::default()
+    }
+}
+
+/// The container command running `script`. The script travels as an argument, never
+/// spliced into the command line, so it needs no quoting.
+fn shell_command(shell: &str, script: String) -> Vec<String> {
+    if shell == "bash" {
+        let detect =
+            "if command -v bash >/dev/null 2>&1; then exec bash -c \"$1\"; fi; exec sh -c \"$1\"";
+        vec!["sh".into(), "-c".into(), detect.into(), "sh".into(), script]
+    } else {
+        vec!["sh".into(), "-c".into(), script]
     }
 }
 

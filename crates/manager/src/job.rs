@@ -339,5 +339,6 @@ fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, Str
         after_script,
         network_per_build,
         timeout,
+        shell: runner.shell.clone().unwrap_or_else(|| "sh".into()),
     })
 }
