@@ -32,6 +32,8 @@ pub struct ScalerSettings {
     pub delete_instances_on_shutdown: bool,
     pub shutdown_deletion_interval: Duration,
     pub shutdown_deletion_retries: u32,
+    /// A deletion the provider has not carried out after this long is asked for again.
+    pub deletion_retry_interval: Duration,
 }
 
 /// What happened to the group, for logs and the pipeline view.
@@ -70,13 +72,15 @@ struct Tracked {
     requested_at: Instant,
     connect_info: Option<ConnectInfo>,
     checking: bool,
+    /// When deletion was last asked of the provider.
+    deletion_asked: Option<Instant>,
 }
 
 #[derive(Default)]
 struct State {
     instances: BTreeMap<InstanceId, Tracked>,
-    /// Creations asked of the provider that no listing has shown yet.
-    unlisted_creations: usize,
+    /// When each creation the provider accepted but no listing has shown yet was asked for.
+    unlisted_creations: Vec<Instant>,
     waiting: usize,
     synced_once: bool,
     shutting_down: bool,
@@ -159,8 +163,11 @@ impl Autoscaler {
     pub async fn acquire(&self, timeout: Duration) -> Result<Acquisition, AcquireError> {
         let deadline = tokio::time::Instant::now() + timeout;
         self.with_state(|s| s.waiting += 1);
+        // Counted out on every exit, also when the caller drops this future (a job
+        // canceled while it waits), so the planner never keeps capacity for a ghost.
+        let _waiting = WaitingGuard(self);
         self.inner.wake.notify_one();
-        let result = loop {
+        loop {
             let changed = self.inner.changed.notified();
             if let Some(acquisition) = self.try_take_slot() {
                 break Ok(acquisition);
@@ -171,10 +178,7 @@ impl Autoscaler {
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 break Err(AcquireError::Timeout(timeout));
             }
-        };
-        self.with_state(|s| s.waiting -= 1);
-        self.inner.wake.notify_one();
-        result
+        }
     }
 
     fn try_take_slot(&self) -> Option<Acquisition> {
@@ -311,6 +315,15 @@ impl Autoscaler {
     }
 }
 
+struct WaitingGuard<'a>(&'a Autoscaler);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.with_state(|s| s.waiting = s.waiting.saturating_sub(1));
+        self.0.inner.wake.notify_one();
+    }
+}
+
 fn view(id: &InstanceId, tracked: &Tracked) -> InstanceView {
     InstanceView {
         id: id.clone(),
@@ -329,7 +342,7 @@ async fn run_loop(inner: Arc<Inner>) {
         let expecting = {
             let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
             state.waiting > 0
-                || state.unlisted_creations > 0
+                || !state.unlisted_creations.is_empty()
                 || state.instances.values().any(|t| {
                     matches!(
                         t.phase,
@@ -352,6 +365,7 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
     let mut events = Vec::new();
     let mut to_check = Vec::new();
     let mut preexisting = Vec::new();
+    let mut retry_deletion = Vec::new();
     let actions = {
         let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
         let first = !state.synced_once;
@@ -367,7 +381,9 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                         .insert(instance.id.clone(), tracked(Phase::Deleting, now));
                     continue;
                 }
-                state.unlisted_creations = state.unlisted_creations.saturating_sub(1);
+                if !state.unlisted_creations.is_empty() {
+                    state.unlisted_creations.remove(0);
+                }
                 state
                     .instances
                     .insert(instance.id.clone(), tracked(Phase::Creating, now));
@@ -405,6 +421,26 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 _ => {}
             }
         }
+        // Creations the provider accepted but never listed count as failed ones.
+        let timeout = inner.settings.creation_timeout;
+        let before = state.unlisted_creations.len();
+        state.unlisted_creations.retain(|asked| now.saturating_duration_since(*asked) < timeout);
+        failed_creations += before - state.unlisted_creations.len();
+        // Deletions the provider did not carry out are asked for again.
+        for instance in &listed {
+            if instance.state == InstanceState::Deleting {
+                continue;
+            }
+            if let Some(t) = state.instances.get_mut(&instance.id)
+                && t.phase == Phase::Deleting
+                && t.deletion_asked.is_some_and(|at| {
+                    now.saturating_duration_since(at) >= inner.settings.deletion_retry_interval
+                })
+            {
+                t.deletion_asked = Some(now);
+                retry_deletion.push(instance.id.clone());
+            }
+        }
         // Instances that left the listing: deleted as asked, or vanished.
         let gone: Vec<InstanceId> = state
             .instances
@@ -432,7 +468,7 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
         } else {
             let mut views: Vec<InstanceView> =
                 state.instances.iter().map(|(id, t)| view(id, t)).collect();
-            for n in 0..state.unlisted_creations {
+            for n in 0..state.unlisted_creations.len() {
                 views.push(InstanceView {
                     id: InstanceId(format!("(requested {n})")),
                     phase: Phase::Creating,
@@ -454,7 +490,7 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
             }
             for action in &actions {
                 match action {
-                    Action::Create(n) => state.unlisted_creations += n,
+                    Action::Create(_) => {}
                     Action::Delete(ids) => {
                         for id in ids {
                             if let Some(t) = state.instances.get_mut(id) {
@@ -464,6 +500,7 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                                     _ => "idle",
                                 };
                                 t.phase = Phase::Deleting;
+                                t.deletion_asked = Some(now);
                                 events.push(ScalerEvent::Deleting {
                                     id: id.clone(),
                                     reason: reason.into(),
@@ -486,7 +523,15 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 reason: "pre-existing instance with no record of its use".into(),
             });
         }
-        inner.provider.decrease(&preexisting).await?;
+        if let Err(e) = inner.provider.decrease(&preexisting).await {
+            tracing::warn!(error = %e, "deleting pre-existing instances failed; will retry");
+        }
+    }
+    if !retry_deletion.is_empty() {
+        tracing::info!(instances = ?retry_deletion, "asking again to delete instances still present");
+        if let Err(e) = inner.provider.decrease(&retry_deletion).await {
+            tracing::warn!(error = %e, "deleting instances failed; will retry");
+        }
     }
     for id in to_check {
         tokio::spawn(check_instance(inner.clone(), id));
@@ -503,7 +548,8 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                     }
                 };
                 let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.unlisted_creations -= count - accepted.min(count);
+                let now = Instant::now();
+                state.unlisted_creations.extend(std::iter::repeat_n(now, accepted.min(count)));
                 drop(state);
                 if accepted > 0 {
                     let _ = inner
@@ -512,7 +558,9 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 }
             }
             Action::Delete(ids) => {
-                inner.provider.decrease(&ids).await?;
+                if let Err(e) = inner.provider.decrease(&ids).await {
+                    tracing::warn!(error = %e, "deleting instances failed; will retry");
+                }
             }
         }
     }
@@ -528,6 +576,7 @@ fn tracked(phase: Phase, now: Instant) -> Tracked {
         requested_at: now,
         connect_info: None,
         checking: false,
+        deletion_asked: (phase == Phase::Deleting).then_some(now),
     }
 }
 

@@ -109,6 +109,7 @@ fn settings(max_use_count: u32, max_instances: usize) -> ScalerSettings {
         delete_instances_on_shutdown: true,
         shutdown_deletion_interval: Duration::from_millis(50),
         shutdown_deletion_retries: 3,
+        deletion_retry_interval: Duration::from_millis(200),
     }
 }
 
@@ -202,5 +203,30 @@ async fn instances_found_at_start_are_deleted_and_max_instances_holds() {
     // max_instances = 1 and the only slot is taken: a second job must wait.
     assert!(scaler.acquire(Duration::from_millis(300)).await.is_err());
     scaler.release(&acquisition, true);
+    scaler.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_job_canceled_while_waiting_holds_no_capacity() {
+    let group = Arc::new(MemoryGroup::default());
+    let mut idle_at_once = settings(0, 1);
+    idle_at_once.policy.idle_time = Duration::ZERO;
+    let scaler = Autoscaler::start(group.clone(), Arc::new(AlwaysReady), idle_at_once);
+    let first = scaler.acquire(Duration::from_secs(10)).await.unwrap();
+    // A second job waits for the only instance, then is canceled (its future dropped).
+    let waiting = {
+        let scaler = scaler.clone();
+        tokio::spawn(async move { scaler.acquire(Duration::from_secs(60)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiting.abort();
+    let _ = waiting.await;
+    scaler.release(&first, true);
+    // Nobody waits any more and idle_time is zero: the idle instance goes.
+    eventually("idle instance deleted", || {
+        group.state.lock().unwrap().deleted.contains(&first.instance)
+    })
+    .await;
+    assert!(scaler.has_room());
     scaler.shutdown().await;
 }

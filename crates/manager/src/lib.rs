@@ -223,6 +223,7 @@ fn scaler_settings(runner: &RunnerConfig, max_size: usize) -> ScalerSettings {
         delete_instances_on_shutdown: autoscaler.delete_instances_on_shutdown,
         shutdown_deletion_interval: autoscaler.shutdown_deletion_interval,
         shutdown_deletion_retries: autoscaler.shutdown_deletion_retries,
+        deletion_retry_interval: autoscaler.deletion_retry_interval,
     }
 }
 
