@@ -319,7 +319,8 @@ struct WaitingGuard<'a>(&'a Autoscaler);
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
-        self.0.with_state(|s| s.waiting = s.waiting.saturating_sub(1));
+        self.0
+            .with_state(|s| s.waiting = s.waiting.saturating_sub(1));
         self.0.inner.wake.notify_one();
     }
 }
@@ -424,7 +425,9 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
         // Creations the provider accepted but never listed count as failed ones.
         let timeout = inner.settings.creation_timeout;
         let before = state.unlisted_creations.len();
-        state.unlisted_creations.retain(|asked| now.saturating_duration_since(*asked) < timeout);
+        state
+            .unlisted_creations
+            .retain(|asked| now.saturating_duration_since(*asked) < timeout);
         failed_creations += before - state.unlisted_creations.len();
         // Deletions the provider did not carry out are asked for again.
         for instance in &listed {
@@ -549,7 +552,9 @@ async fn step(inner: &Arc<Inner>) -> Result<(), podfleet_provider::ProviderError
                 };
                 let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
-                state.unlisted_creations.extend(std::iter::repeat_n(now, accepted.min(count)));
+                state
+                    .unlisted_creations
+                    .extend(std::iter::repeat_n(now, accepted.min(count)));
                 drop(state);
                 if accepted > 0 {
                     let _ = inner

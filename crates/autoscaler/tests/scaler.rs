@@ -224,7 +224,12 @@ async fn a_job_canceled_while_waiting_holds_no_capacity() {
     scaler.release(&first, true);
     // Nobody waits any more and idle_time is zero: the idle instance goes.
     eventually("idle instance deleted", || {
-        group.state.lock().unwrap().deleted.contains(&first.instance)
+        group
+            .state
+            .lock()
+            .unwrap()
+            .deleted
+            .contains(&first.instance)
     })
     .await;
     assert!(scaler.has_room());

@@ -17,7 +17,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, WaitContainerOptions,
+    RemoveVolumeOptions, UploadToContainerOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
 use podfleet_config::{DockerConfig, PullPolicy};
@@ -68,13 +68,43 @@ pub enum JobOutcome {
 
 #[cfg(test)]
 mod tests {
-    use super::shell_command;
+    use super::{shell_command, single_file_tar};
+
+    #[test]
+    fn script_archive_unpacks_with_tar() {
+        let dir = std::env::temp_dir().join(format!("podfleet-tar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let archive = dir.join("a.tar");
+        let contents = "echo one\n".repeat(100);
+        let tar = single_file_tar("podfleet-build.sh", contents.as_bytes(), 0o700);
+        std::fs::write(&archive, tar).unwrap();
+        let status = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let unpacked = dir.join("podfleet-build.sh");
+        assert_eq!(std::fs::read_to_string(&unpacked).unwrap(), contents);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&unpacked).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn bash_runs_when_present_and_sh_otherwise() {
-        let script = "echo \"$0\" ${BASH_VERSION:+bash}; echo 'it''s' \"$1\"".to_string();
+        let dir = std::env::temp_dir().join(format!("podfleet-shell-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script_file = dir.join("script.sh");
+        std::fs::write(&script_file, "echo ${BASH_VERSION:+bash}; echo 'it''s'\n").unwrap();
+        let script = script_file.to_string_lossy().into_owned();
         let run = |path: &str| {
-            let command = shell_command("bash", script.clone());
+            let command = shell_command("bash", &script);
             let output = std::process::Command::new(&command[0])
                 .args(&command[1..])
                 .env("PATH", path)
@@ -91,7 +121,7 @@ mod tests {
         let _ = std::os::unix::fs::symlink("/bin/sh", sh_only.join("sh"));
         let out = run(&sh_only.to_string_lossy());
         assert!(!out.contains("bash") && out.contains("its"), "{out}");
-        assert_eq!(shell_command("sh", "x".into()), vec!["sh", "-c", "x"]);
+        assert_eq!(shell_command("sh", "/x.sh"), vec!["sh", "/x.sh"]);
     }
 }
 
@@ -268,19 +298,35 @@ impl Executor {
         trace: &TraceSink,
     ) -> JobOutcome {
         let name = resources.container(role);
-        let body = container_body(job, config, resources, script);
+        let script_path = format!("/podfleet-{role}.sh");
+        let body = container_body(job, config, resources, &script_path);
         let options = CreateContainerOptions {
             name: Some(name.clone()),
             ..Default::default()
         };
-        if let Err(e) = self.docker.create_container(Some(options), body).await {
-            return classify_create_error(&job.image, e);
-        }
+        // Recorded before creation, so a cancel that lands mid-create still removes it.
         resources
             .containers
             .lock()
             .map(|mut c| c.push(name.clone()))
             .ok();
+        if let Err(e) = self.docker.create_container(Some(options), body).await {
+            return classify_create_error(&job.image, e);
+        }
+        // The script (with every variable value) goes in as a file, never on a command
+        // line where other users of the host could read it in /proc, and with no size cap.
+        let archive = single_file_tar(&script_path[1..], script.as_bytes(), 0o700);
+        let upload = UploadToContainerOptions {
+            path: "/".into(),
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .docker
+            .upload_to_container(&name, Some(upload), bollard::body_full(archive.into()))
+            .await
+        {
+            return JobOutcome::SystemFailure(format!("copy the job script into {name}: {e}"));
+        }
         if let Err(e) = self.docker.start_container(&name, None).await {
             return JobOutcome::SystemFailure(format!("start container {name}: {e}"));
         }
@@ -349,7 +395,7 @@ fn container_body(
     job: &JobSpec,
     config: &DockerConfig,
     resources: &JobResources,
-    script: String,
+    script_path: &str,
 ) -> ContainerCreateBody {
     let mut binds = vec![format!("{}:/builds", resources.volume)];
     let mut anonymous = Vec::new();
@@ -387,7 +433,7 @@ fn container_body(
     ContainerCreateBody {
         image: Some(job.image.clone()),
         entrypoint,
-        cmd: Some(shell_command(&job.shell, script)),
+        cmd: Some(shell_command(&job.shell, script_path)),
         working_dir: None,
         user: config.user.clone(),
         labels: Some(resources.labels()),
@@ -397,16 +443,49 @@ fn container_body(
     }
 }
 
-/// The container command running `script`. The script travels as an argument, never
-/// spliced into the command line, so it needs no quoting.
-fn shell_command(shell: &str, script: String) -> Vec<String> {
+/// The container command running the script file at `path` (passed as an argument, so it
+/// needs no quoting).
+fn shell_command(shell: &str, path: &str) -> Vec<String> {
     if shell == "bash" {
         let detect =
-            "if command -v bash >/dev/null 2>&1; then exec bash -c \"$1\"; fi; exec sh -c \"$1\"";
-        vec!["sh".into(), "-c".into(), detect.into(), "sh".into(), script]
+            "if command -v bash >/dev/null 2>&1; then exec bash \"$1\"; fi; exec sh \"$1\"";
+        vec![
+            "sh".into(),
+            "-c".into(),
+            detect.into(),
+            "sh".into(),
+            path.into(),
+        ]
     } else {
-        vec!["sh".into(), "-c".into(), script]
+        vec!["sh".into(), path.into()]
     }
+}
+
+/// A ustar archive holding one regular file, for the Docker API's archive upload.
+fn single_file_tar(name: &str, contents: &[u8], mode: u32) -> Vec<u8> {
+    fn put(header: &mut [u8; 512], at: usize, value: &[u8]) {
+        header[at..at + value.len()].copy_from_slice(value);
+    }
+    let mut header = [0u8; 512];
+    put(&mut header, 0, &name.as_bytes()[..name.len().min(99)]);
+    put(&mut header, 100, format!("{mode:07o}\0").as_bytes());
+    put(&mut header, 108, b"0000000\0");
+    put(&mut header, 116, b"0000000\0");
+    put(
+        &mut header,
+        124,
+        format!("{:011o}\0", contents.len()).as_bytes(),
+    );
+    put(&mut header, 136, b"00000000000\0");
+    put(&mut header, 148, b"        ");
+    header[156] = b'0';
+    put(&mut header, 257, b"ustar\x0000");
+    let checksum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+    put(&mut header, 148, format!("{checksum:06o}\0 ").as_bytes());
+    let mut archive = header.to_vec();
+    archive.extend_from_slice(contents);
+    archive.resize(archive.len().div_ceil(512) * 512 + 1024, 0);
+    archive
 }
 
 fn non_empty(values: &[String]) -> Option<Vec<String>> {
