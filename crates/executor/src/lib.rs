@@ -178,7 +178,13 @@ impl Executor {
             trace,
             &format!("Using Docker executor with image {} ...", job.image),
         );
-        if let Err(reason) = self.ensure_image(&job.image, config, trace).await {
+        // A stalled registry must not outlive a cancel or the job's timeout.
+        let pulled = tokio::select! {
+            pulled = self.ensure_image(&job.image, config, trace) => pulled,
+            _ = cancel.cancelled() => return JobOutcome::Canceled,
+            _ = tokio::time::sleep(job.timeout) => return JobOutcome::TimedOut,
+        };
+        if let Err(reason) = pulled {
             return JobOutcome::ImagePullFailure(reason);
         }
         if job.network_per_build {

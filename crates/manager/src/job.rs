@@ -192,9 +192,14 @@ impl RunnerContext {
                 .map_err(|e| e.to_string())?;
             let tunnel = session::docker_tunnel(&self.config, &acquisition.connect_info)
                 .map_err(|e| e.to_string())?;
-            let executor = Executor::connect(connection.clone(), tunnel)
-                .await
-                .map_err(|e| format!("container engine on {instance}: {e}"))?;
+            let executor = tokio::select! {
+                connected = Executor::connect(connection.clone(), tunnel) => {
+                    connected.map_err(|e| format!("container engine on {instance}: {e}"))?
+                }
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                    return Err(format!("container engine on {instance} did not answer within 60s"));
+                }
+            };
             Ok::<_, String>((connection, executor))
         }
         .await;
@@ -216,8 +221,19 @@ impl RunnerContext {
             ),
         );
         let outcome = executor.run(&spec, &self.config.docker, sink, cancel).await;
+        // A system failure replaces the instance only when the instance is what broke
+        // (the engine no longer answers), not for a failure of this job's own setup.
+        let healthy = match outcome {
+            JobOutcome::SystemFailure(_) => {
+                let ping = executor.docker().ping();
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(10), ping).await,
+                    Ok(Ok(_))
+                )
+            }
+            _ => true,
+        };
         connection.close().await;
-        let healthy = !matches!(outcome, JobOutcome::SystemFailure(_));
         self.scaler.release(&acquisition, healthy);
         (Some(instance), outcome)
     }
@@ -248,11 +264,22 @@ fn say(sink: &TraceSink, line: &str) {
 /// Turns the coordinator's payload into what the executor runs. A payload the executor
 /// cannot run fails that job with a reason, never the manager.
 fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, String> {
-    let image = payload
+    let job_image = payload
         .image
         .as_ref()
         .map(|i| i.name.clone())
-        .filter(|name| !name.is_empty())
+        .filter(|name| !name.is_empty());
+    if let Some(image) = &job_image {
+        check_allowed(image, &runner.docker.allowed_images, "allowed_images")?;
+        if runner.docker.privileged {
+            check_allowed(
+                image,
+                &runner.docker.allowed_privileged_images,
+                "allowed_privileged_images",
+            )?;
+        }
+    }
+    let image = job_image
         .or_else(|| runner.docker.image.clone())
         .ok_or("the job names no image and [runners.docker] image is not set")?;
     let mut script = Vec::new();
@@ -341,4 +368,74 @@ fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, Str
         timeout,
         shell: runner.shell.clone().unwrap_or_else(|| "sh".into()),
     })
+}
+
+/// A job's image must match one of the runner's globs when the list is set (the runner's
+/// own default image is always allowed, as in gitlab-runner).
+fn check_allowed(image: &str, globs: &[String], key: &str) -> Result<(), String> {
+    if globs.is_empty() || globs.iter().any(|glob| glob_matches(glob, image)) {
+        return Ok(());
+    }
+    Err(format!(
+        "the {image:?} image is not present on the list of {key} of this runner: {}",
+        globs.join(", ")
+    ))
+}
+
+/// Doublestar globs as gitlab-runner uses them: `**` matches anything, `*` and `?` stop at `/`.
+fn glob_matches(glob: &str, text: &str) -> bool {
+    fn go(p: &[u8], t: &[u8]) -> bool {
+        match p {
+            [] => t.is_empty(),
+            [b'*', b'*', rest @ ..] => (0..=t.len()).any(|i| go(rest, &t[i..])),
+            [b'*', rest @ ..] => (0..=t.len())
+                .take_while(|&i| i == 0 || t[i - 1] != b'/')
+                .any(|i| go(rest, &t[i..])),
+            [b'?', rest @ ..] => matches!(t, [c, ..] if *c != b'/') && go(rest, &t[1..]),
+            [c, rest @ ..] => matches!(t, [d, ..] if d == c) && go(rest, &t[1..]),
+        }
+    }
+    go(glob.as_bytes(), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_follow_doublestar_rules() {
+        assert!(glob_matches(
+            "localhost/podfleet/*",
+            "localhost/podfleet/busybox:latest"
+        ));
+        assert!(!glob_matches(
+            "localhost/*",
+            "localhost/podfleet/busybox:latest"
+        ));
+        assert!(glob_matches(
+            "localhost/**",
+            "localhost/podfleet/busybox:latest"
+        ));
+        assert!(glob_matches("**/ruby:*", "docker.io/library/ruby:3.3"));
+        assert!(glob_matches("ruby:3.?", "ruby:3.3") && !glob_matches("ruby:3.?", "ruby:3.10"));
+    }
+
+    #[test]
+    fn disallowed_images_fail_the_job_with_the_list() {
+        let allowed = vec!["localhost/podfleet/*".to_string()];
+        assert!(
+            check_allowed(
+                "localhost/podfleet/busybox:latest",
+                &allowed,
+                "allowed_images"
+            )
+            .is_ok()
+        );
+        let error = check_allowed("docker.io/evil:1", &allowed, "allowed_images").unwrap_err();
+        assert!(
+            error.contains("docker.io/evil:1") && error.contains("localhost/podfleet/*"),
+            "{error}"
+        );
+        assert!(check_allowed("anything", &[], "allowed_images").is_ok());
+    }
 }

@@ -140,13 +140,22 @@ pub fn spawn_signal_handlers(stop: watch::Sender<Shutdown>) {
             tracing::error!("cannot install signal handlers");
             return;
         };
+        let mut forceful_requests = 0;
         loop {
             let mode = tokio::select! {
                 _ = quit.recv() => Shutdown::Graceful,
                 _ = int.recv() => Shutdown::Forceful,
                 _ = term.recv() => Shutdown::Forceful,
             };
-            eprintln!("podfleet: {mode:?} shutdown requested");
+            if mode == Shutdown::Forceful {
+                forceful_requests += 1;
+            }
+            if forceful_requests >= 2 {
+                // The operator insists: stop now, even if instances are left to delete.
+                eprintln!("podfleet: second interrupt: exiting without cleanup");
+                std::process::exit(i32::from(EXIT_FAILED));
+            }
+            eprintln!("podfleet: {mode:?} shutdown requested (interrupt again to exit at once)");
             let _ = stop.send(mode);
         }
     });

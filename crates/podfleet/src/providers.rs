@@ -7,6 +7,10 @@ use podfleet_config::RunnerConfig;
 use podfleet_provider::{Provider, SecretString};
 use podfleet_provider_local::{InstanceCredentials, LocalProvider, LocalSettings};
 
+/// Local groups (state dir + name) already handed to a runner in this process.
+static LOCAL_GROUPS: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 pub async fn provider_for(runner: &RunnerConfig) -> anyhow::Result<Arc<dyn Provider>> {
     let Some(autoscaler) = &runner.autoscaler else {
         bail!(
@@ -18,6 +22,20 @@ pub async fn provider_for(runner: &RunnerConfig) -> anyhow::Result<Arc<dyn Provi
         "local" | "podfleet-local" => {
             let settings = LocalSettings::from_plugin_config(&autoscaler.plugin_config)
                 .with_context(|| format!("runner {:?}", runner.name))?;
+            // Two runners on one group would each delete the other's instances as unknown.
+            let group = settings.state_dir.join(&settings.name);
+            let fresh = LOCAL_GROUPS
+                .lock()
+                .map(|mut groups| groups.insert(group.clone()))
+                .unwrap_or(false);
+            if !fresh {
+                bail!(
+                    "runner {:?}: local group {} is already used by another runner; give each \
+                     runner its own plugin_config.name",
+                    runner.name,
+                    group.display()
+                );
+            }
             let connector = &autoscaler.connector_config;
             let authorized_key = match &connector.key_path {
                 Some(path) => Some(public_key_of(path).await?),

@@ -153,23 +153,24 @@ pub fn mounts_below(roots: &[&Path]) -> Vec<PathBuf> {
     found
 }
 
-/// The first process whose command line (NUL-separated arguments) matches.
+/// The command line of a process, split into its arguments.
+pub fn cmdline(pid: i32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// The first process whose command line matches.
 pub fn find_process(matches: impl Fn(&[String]) -> bool) -> Option<i32> {
     let entries = std::fs::read_dir("/proc").ok()?;
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            matches(&args)
-        })
+        .find(|pid| cmdline(*pid).is_some_and(|args| matches(&args)))
 }
 
 /// Whether a process with this pid is alive.

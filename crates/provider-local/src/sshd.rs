@@ -112,19 +112,22 @@ impl Sshd {
     /// The listener of this group's sshd: from the pid file, or (when the file is gone) by
     /// its command line, so a stale daemon is always found and replaced.
     fn running_pid(&self) -> Option<i32> {
+        // A pid file outlives reboots and crashes: trust its pid only when that process
+        // really is this group's sshd, never signal a stranger.
+        // sshd rewrites its title into one string ("sshd: /usr/sbin/sshd -f <config> ...
+        // [listener] ..."), so match on the joined command line.
+        let config = format!(" {} ", self.dir.join("sshd_config").display());
+        let is_ours = move |cmdline: &[String]| {
+            let joined = format!(" {} ", cmdline.join(" "));
+            cmdline.first().is_some_and(|arg| arg.contains("sshd")) && joined.contains(&config)
+        };
         let from_file = std::fs::read_to_string(self.pid_file())
             .ok()
             .and_then(|text| text.trim().parse::<i32>().ok())
-            .filter(|pid| host::pid_alive(*pid));
-        from_file.or_else(|| {
-            let config = self.dir.join("sshd_config");
-            host::find_process(|cmdline| {
-                cmdline.first().is_some_and(|arg| arg.ends_with("sshd"))
-                    && cmdline
-                        .iter()
-                        .any(|arg| std::path::Path::new(arg) == config)
-            })
-        })
+            .filter(|pid| {
+                host::pid_alive(*pid) && host::cmdline(*pid).is_some_and(|c| is_ours(&c))
+            });
+        from_file.or_else(|| host::find_process(is_ours))
     }
 
     /// Stops the sshd and forgets its pid file.
