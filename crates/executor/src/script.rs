@@ -2,12 +2,22 @@
 //! Every variable value is single-quoted, so no value can inject shell code.
 
 /// A variable as the job container sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Variable {
     pub key: String,
     pub value: String,
     /// Written to a file; the variable holds the file's path.
     pub file: bool,
+}
+
+impl std::fmt::Debug for Variable {
+    // Values may be secrets (job token, masked variables): never in Debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Variable")
+            .field("key", &self.key)
+            .field("file", &self.file)
+            .finish()
+    }
 }
 
 /// Quotes `value` for POSIX sh: `'...'` with embedded quotes as `'\''`.

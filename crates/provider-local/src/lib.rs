@@ -24,6 +24,11 @@ use sshd::Sshd;
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const READY_MARKER: &str = ".podfleet-ready";
 
+/// useradd/userdel lock /etc/passwd and friends: serialise them across every group of the
+/// process (two runners' providers included), and image archive creation with them.
+static HOST_LOCK: std::sync::LazyLock<Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(Arc::default);
+
 pub struct LocalProvider {
     settings: LocalSettings,
     credentials: InstanceCredentials,
@@ -93,7 +98,7 @@ impl LocalProvider {
             sshd,
             generated_key,
             in_flight: Arc::default(),
-            host_lock: Arc::default(),
+            host_lock: HOST_LOCK.clone(),
         })
     }
 
