@@ -343,21 +343,58 @@ impl Executor {
             ..Default::default()
         };
         let mut stream = self.docker.logs(&name, Some(logs));
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(
-                    LogOutput::StdOut { message }
-                    | LogOutput::StdErr { message }
-                    | LogOutput::Console { message },
-                ) => trace(&message),
-                Ok(LogOutput::StdIn { .. }) => {}
-                Err(e) => return JobOutcome::SystemFailure(format!("logs of {name}: {e}")),
-            }
-        }
         let mut wait = self
             .docker
             .wait_container(&name, None::<WaitContainerOptions>);
-        match wait.next().await {
+        // The end of the job is the container's exit, not the end of the log stream:
+        // Podman's follow stream can stay open after a fast exit, so once the container
+        // has exited the log is drained for a short grace period only.
+        let mut exit = None;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut drain_cap = tokio::time::Instant::now();
+        loop {
+            let grace = async {
+                match drain_until {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(Ok(
+                        LogOutput::StdOut { message }
+                        | LogOutput::StdErr { message }
+                        | LogOutput::Console { message },
+                    )) => {
+                        trace(&message);
+                        // After the exit, keep draining while output still flows.
+                        if let Some(deadline) = drain_until.as_mut() {
+                            *deadline = (tokio::time::Instant::now() + LOG_DRAIN_IDLE).min(drain_cap);
+                        }
+                    }
+                    Some(Ok(LogOutput::StdIn { .. })) => {}
+                    Some(Err(e)) => {
+                        if exit.is_none() {
+                            return JobOutcome::SystemFailure(format!("logs of {name}: {e}"));
+                        }
+                        break;
+                    }
+                    None => break,
+                },
+                result = wait.next(), if exit.is_none() => {
+                    exit = Some(result);
+                    let now = tokio::time::Instant::now();
+                    drain_cap = now + LOG_DRAIN_CAP;
+                    drain_until = Some(now + LOG_DRAIN_IDLE);
+                }
+                _ = grace => break,
+            }
+        }
+        let result = match exit {
+            Some(result) => result,
+            None => wait.next().await,
+        };
+        match result {
             Some(Ok(response)) if response.status_code == 0 => JobOutcome::Success,
             Some(Ok(response)) => JobOutcome::ScriptFailure {
                 exit_code: response.status_code,
@@ -373,6 +410,11 @@ impl Executor {
         }
     }
 }
+
+/// After a container exits, its log is drained until it is quiet this long...
+const LOG_DRAIN_IDLE: Duration = Duration::from_millis(500);
+/// ...and for this long at most.
+const LOG_DRAIN_CAP: Duration = Duration::from_secs(5);
 
 fn classify_create_error(image: &str, error: bollard::errors::Error) -> JobOutcome {
     let text = error.to_string();
