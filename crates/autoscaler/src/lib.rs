@@ -82,6 +82,8 @@ struct State {
     /// When each creation the provider accepted but no listing has shown yet was asked for.
     unlisted_creations: Vec<Instant>,
     waiting: usize,
+    /// Jobs the manager may be about to receive or is preparing (see [`Reservation`]).
+    reserved: usize,
     synced_once: bool,
     shutting_down: bool,
     /// Instances that failed before becoming ready, in a row; creation backs off on them
@@ -148,6 +150,10 @@ impl Autoscaler {
         let Ok(state) = self.inner.state.lock() else {
             return false;
         };
+        self.room_in(&state)
+    }
+
+    fn room_in(&self, state: &State) -> bool {
         if state.shutting_down {
             return false;
         }
@@ -156,7 +162,20 @@ impl Autoscaler {
             return true;
         }
         let in_use: usize = state.instances.values().map(|i| i.in_use).sum();
-        in_use + state.waiting < limits.max_instances * limits.capacity_per_instance.max(1)
+        let coming = state.reserved.max(state.waiting);
+        in_use + coming < limits.max_instances * limits.capacity_per_instance.max(1)
+    }
+
+    /// Reserves room for one job before asking the coordinator for it, so the manager
+    /// never takes more jobs than the group can ever serve. Hold the reservation until the
+    /// job's [`Autoscaler::acquire`] returns (or drop it when no job came).
+    pub fn try_reserve(&self) -> Option<Reservation> {
+        let mut state = self.inner.state.lock().ok()?;
+        if !self.room_in(&state) {
+            return None;
+        }
+        state.reserved += 1;
+        Some(Reservation(self.clone()))
     }
 
     /// Waits for a slot on a ready instance, asking for new instances as needed.
@@ -312,6 +331,16 @@ impl Autoscaler {
     fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut state)
+    }
+}
+
+/// Room held for one job; given back when dropped.
+pub struct Reservation(Autoscaler);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0
+            .with_state(|s| s.reserved = s.reserved.saturating_sub(1));
     }
 }
 

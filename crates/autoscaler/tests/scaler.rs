@@ -235,3 +235,23 @@ async fn a_job_canceled_while_waiting_holds_no_capacity() {
     assert!(scaler.has_room());
     scaler.shutdown().await;
 }
+
+#[tokio::test]
+async fn reservations_cap_the_jobs_taken_at_the_group_size() {
+    let group = Arc::new(MemoryGroup::default());
+    let scaler = Autoscaler::start(group.clone(), Arc::new(AlwaysReady), settings(0, 2));
+    let first = scaler.try_reserve().expect("room for a first job");
+    let second = scaler.try_reserve().expect("room for a second job");
+    assert!(
+        scaler.try_reserve().is_none(),
+        "a third job taken with max_instances = 2"
+    );
+    // No job came for the second reservation: its room is given back.
+    drop(second);
+    let again = scaler.try_reserve().expect("room given back");
+    // Reservations alone create no instances (only waiting jobs and idle_count do).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(group.state.lock().unwrap().increase_calls.is_empty());
+    drop((first, again));
+    scaler.shutdown().await;
+}

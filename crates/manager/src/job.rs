@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use podfleet_autoscaler::Autoscaler;
+use podfleet_autoscaler::{Autoscaler, Reservation};
 use podfleet_config::RunnerConfig;
 use podfleet_connector::Connection;
 use podfleet_coordinator::model::{
@@ -41,7 +41,7 @@ pub(crate) struct RunnerContext {
 }
 
 impl RunnerContext {
-    pub async fn run_job(&self, payload: JobResponse) {
+    pub async fn run_job(&self, payload: JobResponse, reservation: Reservation) {
         let job_id = payload.id;
         let job_name = payload.job_info.name.clone();
         let _ = self.events.send(ManagerEvent::JobReceived {
@@ -97,7 +97,9 @@ impl RunnerContext {
         );
         let cancel = self.cancel.child_token();
         let remote = watch_remote(trace.remote_state(), cancel.clone());
-        let (instance, outcome) = self.execute(&payload, sink.clone(), cancel.clone()).await;
+        let (instance, outcome) = self
+            .execute(&payload, sink.clone(), cancel.clone(), reservation)
+            .await;
         remote.abort();
         let final_line = match &outcome {
             JobOutcome::Success => "\x1b[32;1mJob succeeded\x1b[0;m\n".to_string(),
@@ -159,6 +161,7 @@ impl RunnerContext {
         payload: &JobResponse,
         sink: TraceSink,
         cancel: CancellationToken,
+        reservation: Reservation,
     ) -> (Option<String>, JobOutcome) {
         let spec = match job_spec(&self.config, payload) {
             Ok(spec) => spec,
@@ -177,6 +180,8 @@ impl RunnerContext {
             },
             _ = cancel.cancelled() => return (None, JobOutcome::Canceled),
         };
+        // The slot is held now (or the job failed): the room reserved for it is given back.
+        drop(reservation);
         let instance = acquisition.instance.to_string();
         let _ = self.events.send(ManagerEvent::JobOnInstance {
             runner: self.config.name.clone(),

@@ -244,9 +244,9 @@ async fn poll_loop(
     let token = runner.config.token.expose().to_string();
     while *shutdown.borrow() == Shutdown::Running {
         let got_job = 'poll: {
-            if !runner.scaler.has_room() {
+            let Some(reservation) = runner.scaler.try_reserve() else {
                 break 'poll false;
-            }
+            };
             let Ok(global) = concurrent.clone().try_acquire_owned() else {
                 break 'poll false;
             };
@@ -257,7 +257,7 @@ async fn poll_loop(
                 Ok(Some(payload)) => {
                     let runner = runner.clone();
                     jobs.spawn(async move {
-                        runner.run_job(payload).await;
+                        runner.run_job(payload, reservation).await;
                         drop((global, local));
                     });
                     true
