@@ -26,6 +26,12 @@ struct GroupState {
     deleted: Vec<InstanceId>,
 }
 
+impl MemoryGroup {
+    fn was_deleted(&self, id: &InstanceId) -> bool {
+        self.state.lock().unwrap().deleted.contains(id)
+    }
+}
+
 #[async_trait]
 impl Provider for MemoryGroup {
     fn info(&self) -> ProviderInfo {
@@ -172,12 +178,7 @@ async fn an_unhealthy_instance_is_replaced_and_never_handed_out_again() {
         "a failed instance was handed out again"
     );
     eventually("failed instance deleted", || {
-        group
-            .state
-            .lock()
-            .unwrap()
-            .deleted
-            .contains(&first.instance)
+        group.was_deleted(&first.instance)
     })
     .await;
     scaler.release(&second, true);
@@ -224,12 +225,7 @@ async fn a_job_canceled_while_waiting_holds_no_capacity() {
     scaler.release(&first, true);
     // Nobody waits any more and idle_time is zero: the idle instance goes.
     eventually("idle instance deleted", || {
-        group
-            .state
-            .lock()
-            .unwrap()
-            .deleted
-            .contains(&first.instance)
+        group.was_deleted(&first.instance)
     })
     .await;
     assert!(scaler.has_room());

@@ -32,8 +32,6 @@ pub type TraceSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
 #[derive(Clone, Debug)]
 pub struct JobSpec {
     pub job_id: u64,
-    /// Used in container names, for operators reading `podman ps`.
-    pub name: String,
     pub image: String,
     pub entrypoint: Option<Vec<String>>,
     pub project_dir: String,

@@ -358,7 +358,6 @@ fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<JobSpec, Str
     }
     Ok(JobSpec {
         job_id: payload.id,
-        name: payload.job_info.name.clone(),
         image,
         entrypoint: payload
             .image
