@@ -11,7 +11,8 @@ die() { printf 'setup-host: error: %s\n' "$*" >&2; exit 1; }
 [ -r /etc/debian_version ] || die "only Debian/Ubuntu hosts are supported by this script"
 
 PACKAGES=(podman runc crun uidmap slirp4netns fuse-overlayfs openssh-server mmdebstrap
-  busybox-static docker-registry skopeo sshpass procps psmisc iproute2 git ca-certificates curl)
+  busybox-static docker-registry skopeo sshpass procps psmisc iproute2 git ca-certificates curl
+  openssl bc python3 systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

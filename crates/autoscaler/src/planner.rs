@@ -9,11 +9,14 @@ use podfleet_provider::InstanceId;
 /// Where an instance is in its life, as the autoscaler tracks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Asked for; not yet running or not yet checked.
+    /// Asked for; not yet running.
     Creating,
+    /// Running; its readiness check (SSH, `instance_ready_command`, engine) is under way.
+    Checking,
     /// Checked and able to take jobs.
     Ready,
-    /// Used up (`max_use_count`) or unhealthy: takes no more jobs, deleted once empty.
+    /// Draining: used up (`max_use_count`) or being replaced; takes no more jobs, deleted
+    /// once empty.
     Retiring,
     /// Deletion requested.
     Deleting,
@@ -41,6 +44,8 @@ pub struct Policy {
     pub idle_time: Duration,
     pub scale_factor: f64,
     pub scale_factor_limit: usize,
+    /// Take a job only when a ready idle slot exists for it.
+    pub preemptive: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -104,11 +109,9 @@ pub fn plan(
     let mut actions = Vec::new();
     let mut delete: Vec<InstanceId> = instances
         .iter()
-        .filter(|i| match i.phase {
-            Phase::Failed => true,
-            Phase::Retiring => i.in_use == 0,
-            _ => false,
-        })
+        // Never under a running job: a failed instance whose other slot still runs a job
+        // is deleted when that job ends.
+        .filter(|i| matches!(i.phase, Phase::Failed | Phase::Retiring) && i.in_use == 0)
         .map(|i| i.id.clone())
         .collect();
 
@@ -117,7 +120,7 @@ pub fn plan(
     let per_instance = fresh_capacity(limits);
     let creating = instances
         .iter()
-        .filter(|i| i.phase == Phase::Creating)
+        .filter(|i| matches!(i.phase, Phase::Creating | Phase::Checking))
         .count();
     let coming = creating * per_instance;
     let wanted = waiting + idle_target(policy, in_use);
@@ -249,6 +252,7 @@ mod tests {
     fn arb_phase() -> impl Strategy<Value = Phase> {
         prop_oneof![
             Just(Phase::Creating),
+            Just(Phase::Checking),
             Just(Phase::Ready),
             Just(Phase::Retiring),
             Just(Phase::Deleting),
@@ -272,7 +276,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(n, (phase, in_use, uses, idle))| {
-                    let in_use = if matches!(phase, Phase::Ready | Phase::Retiring) { (*in_use).min(capacity) } else { 0 };
+                    let in_use = if matches!(phase, Phase::Ready | Phase::Retiring | Phase::Failed) { (*in_use).min(capacity) } else { 0 };
                     view(n, *phase, in_use, *uses, *idle, now)
                 })
                 .collect();
@@ -295,11 +299,89 @@ mod tests {
             if max_instances > 0 && created > 0 {
                 prop_assert!(instances.len() - deleted.len() + created <= max_instances);
             }
-            // Failed instances and empty retiring ones are always removed.
+            // Empty failed and retiring instances are always removed.
             for instance in &instances {
-                if instance.phase == Phase::Failed || (instance.phase == Phase::Retiring && instance.in_use == 0) {
+                if matches!(instance.phase, Phase::Failed | Phase::Retiring) && instance.in_use == 0 {
                     prop_assert!(deleted.contains(&instance.id));
                 }
+            }
+        }
+
+        /// A burst of K waiting jobs asks for all the instances they need in one action.
+        #[test]
+        fn a_burst_is_one_creation(
+            waiting in 1usize..60,
+            capacity in 1usize..4,
+            max_use in 0u32..4,
+            max_instances in 0usize..30,
+        ) {
+            let now = Instant::now() + Duration::from_secs(10_000);
+            let l = limits(capacity, max_use, max_instances);
+            let actions = plan(&[], waiting, &Policy::default(), &l, now);
+            let per_instance = fresh_capacity(&l);
+            let needed = waiting.div_ceil(per_instance);
+            let expected = if max_instances == 0 { needed } else { needed.min(max_instances) };
+            prop_assert_eq!(actions, vec![Action::Create(expected)]);
+        }
+
+        /// Applying the plan repeatedly reaches a fixed point where idle capacity meets the
+        /// policy (when max_instances leaves room) and exceeds it by less than one instance.
+        #[test]
+        fn idle_capacity_converges_to_the_policy(
+            busy in prop::collection::vec((1usize..3, 0u32..3), 0..6),
+            idle in prop::collection::vec(0u32..3, 0..6),
+            capacity in 1usize..4,
+            max_use in 0u32..4,
+            max_instances in 0usize..12,
+            idle_count in 0usize..8,
+        ) {
+            let now = Instant::now() + Duration::from_secs(10_000);
+            let l = limits(capacity, max_use, max_instances);
+            let policy = Policy { idle_count, ..Default::default() };
+            let mut next = 0;
+            let mut instance = |phase, in_use: usize, uses: u32| {
+                next += 1;
+                let in_use = in_use.min(capacity);
+                let uses = if max_use > 0 { uses.min(max_use - 1) + in_use as u32 } else { uses + in_use as u32 };
+                view(next, phase, in_use, uses, 999, now)
+            };
+            let mut instances: Vec<InstanceView> = Vec::new();
+            for (in_use, uses) in &busy {
+                instances.push(instance(Phase::Ready, *in_use, *uses));
+            }
+            for uses in &idle {
+                instances.push(instance(Phase::Ready, 0, *uses));
+            }
+            let mut settled = false;
+            for _ in 0..6 {
+                let actions = plan(&instances, 0, &policy, &l, now);
+                if actions.is_empty() {
+                    settled = true;
+                    break;
+                }
+                for action in actions {
+                    match action {
+                        Action::Create(n) => {
+                            for _ in 0..n {
+                                let fresh = instance(Phase::Ready, 0, 0);
+                                instances.push(InstanceView { use_count: 0, ..fresh });
+                            }
+                        }
+                        Action::Delete(ids) => instances.retain(|i| !ids.contains(&i.id)),
+                    }
+                }
+            }
+            prop_assert!(settled, "no fixed point: {:?}", instances);
+            let in_use: usize = instances.iter().map(|i| i.in_use).sum();
+            let target = idle_target(&policy, in_use);
+            let free: usize = instances.iter().map(|i| free_slots(i, &l)).sum();
+            let room = max_instances == 0 || instances.len() < max_instances;
+            if room {
+                prop_assert!(free >= target, "idle {} below target {}", free, target);
+            }
+            let idle_left = instances.iter().any(|i| i.in_use == 0 && free_slots(i, &l) > 0);
+            if idle_left {
+                prop_assert!(free < target + capacity, "idle {} far above target {}", free, target);
             }
         }
     }

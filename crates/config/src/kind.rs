@@ -14,6 +14,7 @@ use toml_edit::{Item, TableLike, Value};
 use crate::duration::parse_duration;
 use crate::model::PullPolicy;
 use crate::problem::Position;
+use crate::schedule::{self, Period, Tz};
 use crate::secret::Secret;
 use crate::walk::{
     Field, Section, TableView, Walker, defaults, found, found_value, join_path, read_section,
@@ -745,28 +746,65 @@ pub fn pull_policies(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<PullPoli
     policies
 }
 
-/// `[[runners.autoscaler.policy]] periods`: 5-field cron expressions; all minutes when absent.
-pub fn cron_periods(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<String> {
+/// `[[runners.autoscaler.policy]] periods`: 5-field cron expressions, each checked by
+/// [`schedule::parse_period`] and reported at its own position; all minutes when absent.
+pub fn cron_periods(walker: &mut Walker<'_>, field: &Field<'_>) -> Vec<Period> {
+    const EXAMPLE: &str =
+        "write minute hour day-of-month month day-of-week, e.g. \"* 7-19 * * mon-fri\"";
     if field.item.is_none() {
-        return vec!["* * * * *".to_owned()];
+        return vec![schedule::parse_period("* * * * *").expect("the default period parses")];
     }
-    let periods = strings(walker, field);
-    for period in &periods {
-        let fields: Vec<&str> = period.split_whitespace().collect();
-        let characters_ok = period
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || " \t*/,-".contains(c));
-        if fields.len() != 5 || !characters_ok {
-            walker.error(
-                field.at,
-                &field.path,
-                format!("{} is not a 5-field cron expression", shown(period)),
-                "write minute hour day-of-month month day-of-week, e.g. \"* 7-19 * * mon-fri\""
-                    .to_owned(),
+    let fix = format!(
+        "{EXAMPLE}, in a list: {} = [\"* 7-19 * * mon-fri\"]",
+        field.key
+    );
+    let Some(Value::Array(array)) = value(field) else {
+        wrong_type(walker, field, "an array of strings", fix);
+        return Vec::new();
+    };
+    let mut periods = Vec::new();
+    for (index, element) in array.iter().enumerate() {
+        let at = walker.position(element.span(), field.at);
+        let path = format!("{}[{index}]", field.path);
+        let Some(text) = element.as_str() else {
+            let message = format!(
+                "must be a string, found {} in the array",
+                found_value(element)
             );
+            walker.error(at, &path, message, fix.clone());
+            continue;
+        };
+        match schedule::parse_period(text) {
+            Ok(period) => periods.push(period),
+            Err(reason) => walker.error(
+                at,
+                &path,
+                format!("{} is not a 5-field cron expression: {reason}", shown(text)),
+                EXAMPLE.to_owned(),
+            ),
         }
     }
     periods
+}
+
+/// `[[runners.autoscaler.policy]] timezone`: an IANA name; unset or `Local` is the host's.
+pub fn opt_timezone(walker: &mut Walker<'_>, field: &Field<'_>) -> Option<Tz> {
+    let text = get_str(walker, field)?;
+    match schedule::parse_timezone(text) {
+        Ok(zone) => zone,
+        Err(reason) => {
+            walker.error(
+                field.at,
+                &field.path,
+                reason,
+                format!(
+                    "write an IANA time zone such as {} = \"Europe/Berlin\" or \"UTC\", or remove it for local time",
+                    field.key
+                ),
+            );
+            None
+        }
+    }
 }
 
 // ---------------------------------------------------------------- maps

@@ -8,9 +8,12 @@
 //! which are also the Rust types) and report **every** problem at once, each with its
 //! line:column, key path and fix; unknown keys are warnings with a "did you mean". Secrets
 //! (runner token, connector password, Sentry DSN) are [`Secret`]s and never appear in `Debug`
-//! output, in problems or in [`Config::summary_lines`]. Two keys are podfleet extensions that
+//! output, in problems or in [`Config::summary_lines`]. These keys are podfleet extensions that
 //! gitlab-runner does not have: `tag_list` and `run_untagged` in `[[runners]]`, because GitLab
-//! keeps tags server-side while podfleet's embedded coordinator needs them locally.
+//! keeps tags server-side while podfleet's embedded coordinator needs them locally; and the
+//! autoscaler's `state_file`, `instance_ready_timeout`, `predictive_warm_capacity` and the
+//! global `podfleet_state_dir`. Policy `periods` and `timezone` are parsed here
+//! ([`schedule`]) into the values the autoscaler evaluates.
 //!
 //! This is the only crate that knows TOML.
 
@@ -20,6 +23,7 @@ mod kind;
 mod model;
 mod problem;
 mod runner;
+pub mod schedule;
 mod secret;
 mod walk;
 
@@ -32,7 +36,7 @@ pub use model::{
     RunnerConfig, ScaleThrottle, ServiceConfig, SessionServerConfig, StateStorage,
 };
 pub use problem::Problem;
-pub use runner::short_token;
+pub use runner::{DEFAULT_STATE_DIR, short_token};
 pub use secret::Secret;
 
 use problem::{LineIndex, Position};

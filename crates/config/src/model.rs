@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::kind;
+use crate::schedule::{Period, Tz};
 use crate::secret::Secret;
 use crate::walk::section;
 
@@ -38,6 +39,9 @@ section! {
         "user" user: Option<String> = kind::opt_string,
         "session_server" session_server: Option<SessionServerConfig> = kind::optional_section,
         "runners" runners: Vec<RunnerConfig> = kind::section_list,
+        /// podfleet extension: where podfleet keeps its durable state (autoscaler ledgers);
+        /// unset means `/var/lib/podfleet`.
+        "podfleet_state_dir" podfleet_state_dir: Option<PathBuf> = kind::opt_path,
     }
     ignored = [];
 }
@@ -284,6 +288,16 @@ section! {
         /// Whether a `[runners.autoscaler.vm_isolation]` table (macOS nesting VMs) is present;
         /// accepted for compatibility, not interpreted.
         "vm_isolation" vm_isolation: bool = kind::accepted_table,
+        /// podfleet extension: the ledger (instances, use counts, job assignments, arrival
+        /// history) of this runner's group; unset means a file named after the group in
+        /// `podfleet_state_dir`, see [`AutoscalerConfig::ledger_path`].
+        "state_file" state_file: Option<PathBuf> = kind::opt_path,
+        /// podfleet extension: overall deadline of a new instance's readiness check (SSH,
+        /// `instance_ready_command` retried with back-off, engine ping).
+        "instance_ready_timeout" instance_ready_timeout: Duration = kind::go_duration_nonzero_or(5 * MINUTE),
+        /// podfleet extension: keep idle capacity ahead of the arrival rate learned per
+        /// hour of the week from the ledger's history, on top of the policy's idle_count.
+        "predictive_warm_capacity" predictive_warm_capacity: bool = kind::boolean,
     }
     ignored = [];
 }
@@ -315,9 +329,9 @@ section! {
     /// `[[runners.autoscaler.policy]]`: idle capacity during some periods.
     pub struct PolicyConfig {
         /// 5-field cron expressions; `["* * * * *"]` when absent.
-        "periods" periods: Vec<String> = kind::cron_periods,
-        /// IANA time zone of `periods`; unset means local time.
-        "timezone" timezone: Option<String> = kind::opt_string,
+        "periods" periods: Vec<Period> = kind::cron_periods,
+        /// IANA time zone of `periods`; unset (or `Local`) means the host's time zone.
+        "timezone" timezone: Option<Tz> = kind::opt_timezone,
         /// Idle capacity in job slots (not instances).
         "idle_count" idle_count: u32 = kind::uint,
         /// How long an instance may stay idle before it becomes removable.

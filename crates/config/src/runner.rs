@@ -2,7 +2,49 @@
 //! the one-line summaries printed at start-up.
 
 use crate::kind::parse_go_bool;
-use crate::model::{Config, RunnerConfig};
+use std::path::{Path, PathBuf};
+
+use crate::model::{AutoscalerConfig, Config, RunnerConfig};
+
+/// Where podfleet keeps durable state when `podfleet_state_dir` is unset.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/podfleet";
+
+impl Config {
+    /// `podfleet_state_dir`, or [`DEFAULT_STATE_DIR`].
+    pub fn state_dir(&self) -> PathBuf {
+        self.podfleet_state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    }
+}
+
+impl AutoscalerConfig {
+    /// The ledger file of this group: `state_file`, or a file in `state_dir` named after the
+    /// group's identity (plugin and plugin_config), so the same scale set finds its ledger
+    /// again after a token rotation or a rename, and two groups never share one.
+    pub fn ledger_path(&self, state_dir: &Path) -> PathBuf {
+        if let Some(path) = &self.state_file {
+            return path.clone();
+        }
+        let identity = format!(
+            "{}\n{}",
+            self.plugin,
+            serde_json::Value::Object(self.plugin_config.clone())
+        );
+        // FNV-1a: stable across Rust releases, unlike std's DefaultHasher.
+        let hash = identity
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let plugin: String = self
+            .plugin
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        state_dir.join(format!("ledger-{plugin}-{hash:016x}.redb"))
+    }
+}
 
 /// Feature flags whose default is not `false`.
 ///

@@ -143,6 +143,7 @@ fn both_runners_load_with_their_own_values() {
         assert_eq!(policy.idle_count, 0);
         assert_eq!(policy.idle_time, Duration::from_secs(30 * 60));
         assert_eq!(policy.periods, ["* * * * *"]);
+        assert_eq!(policy.timezone, None);
         assert!(!policy.preemptive());
     }
 }

@@ -318,3 +318,68 @@ fn io_errors_name_the_path() {
     assert!(matches!(error, ConfigError::Read { .. }));
     assert!(error.to_string().contains("does-not-exist.toml"), "{error}");
 }
+
+#[test]
+fn bad_policy_periods_and_time_zones_are_errors_at_their_position() {
+    let text = format!(
+        "{RUNNER}    [[runners.autoscaler.policy]]\n      periods = [\"* 7-19 * * mon-fri\", \"* 25 * * *\", \"* * * *\"]\n      timezone = \"Europe/Berlim\"\n    [[runners.autoscaler.policy]]\n      periods = [\"*/5 * * * funday\"]\n      timezone = \"UTC\"\n"
+    );
+    let found = problems(parse(&text, "config.toml"));
+    assert_eq!(
+        places(&found),
+        [
+            (12, 40, "runners[0].autoscaler.policy[0].periods[1]"),
+            (12, 54, "runners[0].autoscaler.policy[0].periods[2]"),
+            (13, 18, "runners[0].autoscaler.policy[0].timezone"),
+            (15, 18, "runners[0].autoscaler.policy[1].periods[0]"),
+        ]
+    );
+    assert!(
+        found[1].message.contains("4 fields"),
+        "{}",
+        found[1].message
+    );
+    assert!(found[2].message.contains("IANA"), "{}", found[2].message);
+    assert!(found[2].fix.contains("Europe/Berlin"), "{}", found[2].fix);
+}
+
+#[test]
+fn good_periods_load_and_evaluate_in_their_time_zone() {
+    let text = format!(
+        "{RUNNER}    [[runners.autoscaler.policy]]\n      periods = [\"* 7-19 * * mon-fri\"]\n      timezone = \"Europe/Berlin\"\n      idle_count = 2\n"
+    );
+    let loaded = parse(&text, "config.toml").expect("valid");
+    let policy = &loaded.config.runners[0].autoscaler.as_ref().unwrap().policy[0];
+    // Friday 2026-12-04 06:30 UTC is 07:30 in Berlin.
+    let at = "2026-12-04T06:30:00Z".parse().unwrap();
+    assert!(policy.periods[0].is_active(at, policy.timezone));
+    assert!(!policy.periods[0].is_active(at, Some(podfleet_config::schedule::Tz::UTC)));
+}
+
+#[test]
+fn the_ledger_path_follows_the_group_not_the_token() {
+    let loaded = parse(RUNNER, "config.toml").expect("valid");
+    let state_dir = loaded.config.state_dir();
+    assert_eq!(state_dir, Path::new(podfleet_config::DEFAULT_STATE_DIR));
+    let autoscaler = loaded.config.runners[0].autoscaler.clone().unwrap();
+    let path = autoscaler.ledger_path(&state_dir);
+    assert!(path.starts_with(&state_dir), "{}", path.display());
+    let other_token = RUNNER.replace("glrt-test-token-1234", "glrt-rotated-token-99");
+    let rotated = parse(&other_token, "config.toml").expect("valid");
+    let rotated = rotated.config.runners[0].autoscaler.clone().unwrap();
+    assert_eq!(rotated.ledger_path(&state_dir), path);
+    let other_group = RUNNER.replace(
+        "plugin = \"aws\"",
+        "plugin = \"aws\"\n    plugin_config = { name = \"b\" }",
+    );
+    let other_group = parse(&other_group, "config.toml").expect("valid");
+    let other_group = other_group.config.runners[0].autoscaler.clone().unwrap();
+    assert_ne!(other_group.ledger_path(&state_dir), path);
+    let explicit = format!("{RUNNER}    state_file = \"/srv/podfleet/r.redb\"\n");
+    let explicit = parse(&explicit, "config.toml").expect("valid");
+    let explicit = explicit.config.runners[0].autoscaler.clone().unwrap();
+    assert_eq!(
+        explicit.ledger_path(&state_dir),
+        Path::new("/srv/podfleet/r.redb")
+    );
+}

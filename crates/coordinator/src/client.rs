@@ -33,6 +33,39 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Whole-call timeout; must exceed the server's job-request long poll (≈50 s).
     pub request_timeout: Duration,
+    /// Told about every HTTP exchange (for metrics); retries are separate exchanges.
+    pub observer: Option<RequestObserver>,
+}
+
+/// One HTTP exchange with the coordinator, as a [`RequestObserver`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Exchange {
+    /// The API endpoint: `verify`, `request_job`, `update_job`, `patch_trace` or `other`.
+    pub endpoint: &'static str,
+    /// The response status, or `None` when no response arrived (transport error).
+    pub status: Option<u16>,
+    pub elapsed: Duration,
+}
+
+/// A callback told about each [`Exchange`].
+#[derive(Clone)]
+pub struct RequestObserver(pub Arc<dyn Fn(Exchange) + Send + Sync>);
+
+impl std::fmt::Debug for RequestObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestObserver")
+    }
+}
+
+/// The endpoint name of an API path relative to `/api/v4/`.
+fn endpoint_of(path: &str) -> &'static str {
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["runners", "verify"] => "verify",
+        ["jobs", "request"] => "request_job",
+        ["jobs", _] => "update_job",
+        ["jobs", _, "trace"] => "patch_trace",
+        _ => "other",
+    }
 }
 
 impl Default for ClientOptions {
@@ -41,6 +74,7 @@ impl Default for ClientOptions {
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60 * 60),
+            observer: None,
         }
     }
 }
@@ -81,6 +115,7 @@ struct ClientInner {
     system_id: String,
     info: RunnerInfo,
     retry: RetryPolicy,
+    observer: Option<RequestObserver>,
 }
 
 /// A request to send, rebuilt for every attempt.
@@ -266,6 +301,7 @@ impl Client {
                 system_id: system_id.into(),
                 info,
                 retry: options.retry,
+                observer: options.observer,
             }),
         })
     }
@@ -443,10 +479,31 @@ impl Client {
                 url: url_text.clone(),
                 source: error,
             };
-            let response = request.send().await.map_err(transport)?;
+            let started = std::time::Instant::now();
+            let observe = |status: Option<u16>| {
+                if let Some(observer) = &self.inner.observer {
+                    (observer.0)(Exchange {
+                        endpoint: endpoint_of(&call.path),
+                        status,
+                        elapsed: started.elapsed(),
+                    });
+                }
+            };
+            let response = request.send().await.map_err(|e| {
+                observe(None);
+                transport(e)
+            })?;
             let status = response.status().as_u16();
             let headers = response.headers().clone();
-            let body = response.bytes().await.map_err(transport)?.to_vec();
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| {
+                    observe(None);
+                    transport(e)
+                })?
+                .to_vec();
+            observe(Some(status));
             if is_retryable(status) && attempt < policy.max_attempts {
                 let wait = wait_before_retry(&policy, attempt, &headers, chrono::Utc::now());
                 tracing::debug!(
@@ -549,6 +606,15 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn endpoints_are_named_by_path() {
+        assert_eq!(endpoint_of("runners/verify"), "verify");
+        assert_eq!(endpoint_of("jobs/request"), "request_job");
+        assert_eq!(endpoint_of("jobs/42"), "update_job");
+        assert_eq!(endpoint_of("jobs/42/trace"), "patch_trace");
+        assert_eq!(endpoint_of("jobs/42/artifacts"), "other");
     }
 
     #[test]

@@ -10,7 +10,9 @@ pub mod model;
 mod retry;
 mod trace;
 
-pub use client::{Client, ClientOptions, PatchResponse, UpdateResponse, api_base_url};
+pub use client::{
+    Client, ClientOptions, Exchange, PatchResponse, RequestObserver, UpdateResponse, api_base_url,
+};
 pub use error::CoordinatorError;
 pub use retry::RetryPolicy;
 pub use trace::{JobOutcome, JobTrace, JobTraceOptions, RemoteState, TraceWriter, format_checksum};

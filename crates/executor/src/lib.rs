@@ -3,6 +3,7 @@
 //! the build volume, the job script in the job image, the trace streamed out, and every
 //! container, volume and network removed afterwards. It knows Docker, not clouds or GitLab.
 
+pub mod options;
 pub mod script;
 mod transport;
 
@@ -473,9 +474,13 @@ fn container_body(
         extra_hosts: non_empty(&config.extra_hosts),
         shm_size: (config.shm_size > 0).then_some(config.shm_size),
         oom_kill_disable: config.oom_kill_disable.then_some(true),
-        ..Default::default()
+        ..options::resources(config)
     };
-    let entrypoint = job.entrypoint.clone().filter(|e| !e.is_empty());
+    // `disable_entrypoint_overwrite` keeps the image's own entrypoint whatever the job asks.
+    let entrypoint = job
+        .entrypoint
+        .clone()
+        .filter(|e| !e.is_empty() && !config.disable_entrypoint_overwrite);
     ContainerCreateBody {
         image: Some(job.image.clone()),
         entrypoint,

@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::mask::Masker;
+use crate::telemetry::{JobPhase, Telemetry};
 use crate::{ManagerEvent, session};
 
 const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(7200);
@@ -38,6 +39,7 @@ pub(crate) struct RunnerContext {
     pub scaler: Autoscaler,
     pub events: broadcast::Sender<ManagerEvent>,
     pub cancel: CancellationToken,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl RunnerContext {
@@ -49,6 +51,8 @@ impl RunnerContext {
             job_id,
             job_name: job_name.clone(),
         });
+        self.telemetry
+            .job_arrived(&self.config.name, job_id, &job_name);
         // Two-phase commit: accept the job before doing anything for it.
         let accept = UpdateJobRequest::new(
             self.client.info().clone(),
@@ -61,6 +65,8 @@ impl RunnerContext {
             .await
         {
             tracing::warn!(job_id, error = %e, "accepting the job failed; dropping it");
+            self.telemetry
+                .job_finished(job_id, "dropped", "accept_failed");
             return;
         }
         let trace = JobTrace::start(
@@ -69,19 +75,22 @@ impl RunnerContext {
             payload.token.expose(),
             JobTraceOptions::for_job(&payload),
         );
-        let masker = Arc::new(Mutex::new(Masker::new(
-            payload
-                .variables
-                .iter()
-                .filter(|v| v.masked)
-                .map(|v| v.value.clone()),
+        let masker = Arc::new(Mutex::new(masker_for(&self.config, &payload)));
+        let limit = Arc::new(Mutex::new(OutputLimit::new(
+            u64::from(self.config.output_limit) * 1024,
         )));
         let sink: TraceSink = {
             let writer = trace.writer();
             let masker = masker.clone();
+            let limit = limit.clone();
             Arc::new(move |bytes: &[u8]| {
-                if let Ok(mut masker) = masker.lock() {
-                    writer.write(&masker.write(bytes));
+                if let (Ok(mut masker), Ok(mut limit)) = (masker.lock(), limit.lock()) {
+                    let masked = masker.write(bytes);
+                    let (admitted, notice) = limit.admit(&masked);
+                    writer.write(admitted);
+                    if let Some(notice) = notice {
+                        writer.write(notice.as_bytes());
+                    }
                 }
             })
         };
@@ -101,6 +110,7 @@ impl RunnerContext {
             .execute(&payload, sink.clone(), cancel.clone(), reservation)
             .await;
         remote.abort();
+        self.telemetry.job_phase(job_id, JobPhase::Finishing);
         let final_line = match &outcome {
             JobOutcome::Success => "\x1b[32;1mJob succeeded\x1b[0;m\n".to_string(),
             JobOutcome::ScriptFailure { exit_code } => {
@@ -115,10 +125,18 @@ impl RunnerContext {
                     .to_string()
             }
         };
-        sink(final_line.as_bytes());
-        if let Ok(mut masker) = masker.lock() {
+        if let (Ok(mut masker), Ok(mut limit)) = (masker.lock(), limit.lock()) {
+            // The job's held-back output is still subject to the limit; the closing line is
+            // always written.
             let rest = masker.flush();
-            trace.write(&rest);
+            let (admitted, notice) = limit.admit(&rest);
+            trace.write(admitted);
+            if let Some(notice) = notice {
+                trace.write(notice.as_bytes());
+            }
+            let mut closing = masker.write(final_line.as_bytes());
+            closing.extend(masker.flush());
+            trace.write(&closing);
         }
         let final_outcome = match &outcome {
             JobOutcome::Success => FinalOutcome::Success,
@@ -143,9 +161,14 @@ impl RunnerContext {
                 exit_code: None,
             },
         };
+        let (label, reason) = match &final_outcome {
+            FinalOutcome::Success => ("success", String::new()),
+            FinalOutcome::Failed { reason, .. } => ("failed", reason.to_string()),
+        };
         if let Err(e) = trace.finish(final_outcome).await {
             tracing::warn!(job_id, error = %e, "final job update failed");
         }
+        self.telemetry.job_finished(job_id, label, &reason);
         let _ = self.events.send(ManagerEvent::JobFinished(JobReport {
             runner: self.config.name.clone(),
             job_id,
@@ -172,9 +195,11 @@ impl RunnerContext {
             .autoscaler
             .as_ref()
             .map_or(Duration::from_secs(900), |a| a.instance_acquire_timeout);
+        self.telemetry
+            .job_phase(payload.id, JobPhase::WaitingForInstance);
         say(&sink, "Preparing the \"docker-autoscaler\" executor");
         let acquisition = tokio::select! {
-            acquired = self.scaler.acquire(acquire_timeout) => match acquired {
+            acquired = self.scaler.acquire_for(Some(payload.id), acquire_timeout) => match acquired {
                 Ok(acquisition) => acquisition,
                 Err(e) => return (None, JobOutcome::SystemFailure(e.to_string())),
             },
@@ -183,6 +208,9 @@ impl RunnerContext {
         // The slot is held now (or the job failed): the room reserved for it is given back.
         drop(reservation);
         let instance = acquisition.instance.to_string();
+        self.telemetry.job_phase(payload.id, JobPhase::Connecting);
+        self.telemetry
+            .job_on_instance(&self.config.name, payload.id, &instance);
         let _ = self.events.send(ManagerEvent::JobOnInstance {
             runner: self.config.name.clone(),
             job_id: payload.id,
@@ -225,6 +253,7 @@ impl RunnerContext {
                 acquisition.use_number
             ),
         );
+        self.telemetry.job_phase(payload.id, JobPhase::Running);
         let outcome = executor.run(&spec, &self.config.docker, sink, cancel).await;
         // A system failure replaces the instance only when the instance is what broke
         // (the engine no longer answers), not for a failure of this job's own setup.
@@ -242,6 +271,67 @@ impl RunnerContext {
         self.scaler.release(&acquisition, healthy);
         (Some(instance), outcome)
     }
+}
+
+/// `output_limit` (KiB) on the job's log: output past it is dropped, once announced; the
+/// manager's own closing lines are still written.
+struct OutputLimit {
+    limit: u64,
+    written: u64,
+}
+
+impl OutputLimit {
+    fn new(limit: u64) -> Self {
+        Self { limit, written: 0 }
+    }
+
+    /// The part of `bytes` within the limit, and the notice when this write crosses it.
+    fn admit<'a>(&mut self, bytes: &'a [u8]) -> (&'a [u8], Option<String>) {
+        let room = self.limit.saturating_sub(self.written);
+        let taken = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let crossed = taken < bytes.len() && self.written <= self.limit;
+        self.written += bytes.len() as u64;
+        let notice = crossed.then(|| {
+            format!(
+                "\n\x1b[31;1mJob's log exceeded limit of {} bytes.\nJob execution will continue but no more output will be collected.\x1b[0;m\n",
+                self.limit
+            )
+        });
+        (&bytes[..taken], notice)
+    }
+}
+
+/// The job's log masker: its masked variables, the token prefixes the job names plus the
+/// defaults (unless `FF_MASK_ALL_DEFAULT_TOKENS` is off; `glpat-` always), and sensitive URL
+/// parameters.
+fn masker_for(runner: &RunnerConfig, payload: &JobResponse) -> Masker {
+    let job_flag = payload
+        .variables
+        .iter()
+        .rev()
+        .find(|v| v.key == "FF_MASK_ALL_DEFAULT_TOKENS")
+        .map(|v| !matches!(v.value.as_str(), "false" | "0" | "FALSE" | "False"));
+    let all_defaults =
+        job_flag.unwrap_or_else(|| runner.feature_flag("FF_MASK_ALL_DEFAULT_TOKENS"));
+    let defaults = crate::mask::DEFAULT_TOKEN_PREFIXES
+        .iter()
+        .filter(|p| all_defaults || **p == "glpat-")
+        .map(|p| p.to_string());
+    let prefixes = payload
+        .features
+        .token_mask_prefixes
+        .iter()
+        .cloned()
+        .chain(defaults);
+    Masker::with_rules(
+        payload
+            .variables
+            .iter()
+            .filter(|v| v.masked)
+            .map(|v| v.value.clone()),
+        prefixes,
+        true,
+    )
 }
 
 /// Cancels the job when the coordinator says so.
@@ -441,5 +531,19 @@ mod tests {
             "{error}"
         );
         assert!(check_allowed("anything", &[], "allowed_images").is_ok());
+    }
+
+    #[test]
+    fn output_past_the_limit_is_dropped_once_announced() {
+        let mut limit = OutputLimit::new(10);
+        assert_eq!(limit.admit(b"12345"), (&b"12345"[..], None));
+        let (admitted, notice) = limit.admit(b"67890abc");
+        assert_eq!(admitted, b"67890");
+        assert!(
+            notice
+                .unwrap()
+                .contains("Job's log exceeded limit of 10 bytes")
+        );
+        assert_eq!(limit.admit(b"more"), (&b""[..], None));
     }
 }

@@ -6,21 +6,22 @@
 mod job;
 pub mod mask;
 mod readiness;
-mod session;
+pub mod session;
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use podfleet_autoscaler::planner::{Limits, Policy};
 use podfleet_autoscaler::{Autoscaler, ScalerEvent, ScalerSettings};
 use podfleet_config::{Config, RunnerConfig};
-use podfleet_coordinator::Client;
 use podfleet_coordinator::model::RunnerInfo;
+use podfleet_coordinator::{Client, ClientOptions, RequestObserver};
 use podfleet_provider::Provider;
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use job::JobReport;
+pub use telemetry::{StatusReport, Telemetry};
 
 /// How to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,16 +64,162 @@ pub struct Manager {
     runners: Vec<RunnerSetup>,
     system_id: String,
     events: broadcast::Sender<ManagerEvent>,
+    telemetry: Arc<Telemetry>,
+    live: watch::Sender<LiveSettings>,
+}
+
+/// The settings a running manager takes from a reloaded config without a restart.
+#[derive(Clone, Debug, PartialEq)]
+struct LiveSettings {
+    concurrent: usize,
+    check_interval: Duration,
+    /// Per runner name: its `limit` (0 = none).
+    limits: Vec<(String, u32)>,
+}
+
+impl LiveSettings {
+    fn of(config: &Config) -> Self {
+        Self {
+            concurrent: config.concurrent.max(1) as usize,
+            check_interval: config.check_interval,
+            limits: config
+                .runners
+                .iter()
+                .map(|r| (r.name.clone(), r.limit))
+                .collect(),
+        }
+    }
+}
+
+/// What a config reload changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// Settings now in effect.
+    pub applied: Vec<String>,
+    /// Changes that take effect only after a restart of the manager.
+    pub needs_restart: Vec<String>,
+}
+
+/// Applies reloaded configs to a running [`Manager`].
+#[derive(Clone)]
+pub struct Reloader {
+    live: watch::Sender<LiveSettings>,
+    config: Arc<std::sync::Mutex<Config>>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Reloader {
+    /// Takes what can change live (`concurrent`, `check_interval`, runner `limit`, and the
+    /// `[runners.autoscaler]` limits, intervals and policies) from `config` and says what
+    /// needs a restart (runners added or removed, a runner's plugin, plugin_config,
+    /// connector_config or other sections changed).
+    pub fn apply(&self, config: &Config) -> ReloadOutcome {
+        let mut outcome = ReloadOutcome::default();
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let (old, new) = (LiveSettings::of(&current), LiveSettings::of(config));
+        if old.concurrent != new.concurrent {
+            outcome.applied.push(format!(
+                "concurrent {} -> {}",
+                old.concurrent, new.concurrent
+            ));
+        }
+        if old.check_interval != new.check_interval {
+            outcome.applied.push(format!(
+                "check_interval {:?} -> {:?}",
+                old.check_interval, new.check_interval
+            ));
+        }
+        let names = |c: &Config| c.runners.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        if names(&current) != names(config) {
+            outcome
+                .needs_restart
+                .push("the list of [[runners]] changed".to_string());
+        }
+        for runner in &config.runners {
+            let Some(before) = current.runners.iter().find(|r| r.name == runner.name) else {
+                continue;
+            };
+            if before.limit != runner.limit {
+                outcome.applied.push(format!(
+                    "runner {:?} limit {} -> {}",
+                    runner.name, before.limit, runner.limit
+                ));
+            }
+            let provider_part = |r: &RunnerConfig| {
+                r.autoscaler
+                    .as_ref()
+                    .map(|a| format!("{:?}", (&a.plugin, &a.plugin_config, &a.connector_config)))
+            };
+            if provider_part(runner) != provider_part(before) {
+                outcome.needs_restart.push(format!(
+                    "runner {:?}: plugin, plugin_config or connector_config changed",
+                    runner.name
+                ));
+            }
+            let rest = |r: &RunnerConfig| {
+                let mut r = r.clone();
+                r.limit = 0;
+                r.autoscaler = None;
+                format!("{r:?}")
+            };
+            if rest(runner) != rest(before) {
+                outcome.needs_restart.push(format!(
+                    "runner {:?}: settings outside [runners.autoscaler] other than limit changed",
+                    runner.name
+                ));
+            }
+            if let (Some(autoscaler), Some(scaler)) = (
+                runner.autoscaler.as_ref(),
+                self.telemetry.scaler(&runner.name),
+            ) {
+                let old = scaler.settings();
+                let mut new = ScalerSettings::from_config(
+                    &runner.name,
+                    autoscaler,
+                    old.limits.max_size,
+                    &config.state_dir(),
+                );
+                new.ledger_path = old.ledger_path.clone();
+                if new != old {
+                    scaler.update_settings(new);
+                    outcome.applied.push(format!(
+                        "runner {:?} [runners.autoscaler] limits and policies",
+                        runner.name
+                    ));
+                }
+            }
+        }
+        *current = config.clone();
+        self.live.send_replace(new);
+        outcome
+    }
 }
 
 impl Manager {
     pub fn new(config: Config, runners: Vec<RunnerSetup>, system_id: String) -> Self {
         let (events, _) = broadcast::channel(1024);
+        let (live, _) = watch::channel(LiveSettings::of(&config));
         Self {
             config,
             runners,
             system_id,
             events,
+            telemetry: Arc::new(Telemetry::new()),
+            live,
+        }
+    }
+
+    /// The live status and metrics of this manager.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
+    }
+
+    /// A handle to apply reloaded configs while the manager runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            live: self.live.clone(),
+            config: Arc::new(std::sync::Mutex::new(self.config.clone())),
+            telemetry: self.telemetry.clone(),
         }
     }
 
@@ -84,13 +231,26 @@ impl Manager {
     /// instances per `delete_instances_on_shutdown`.
     pub async fn run(self, mut shutdown: watch::Receiver<Shutdown>) {
         let concurrent = Arc::new(Semaphore::new(self.config.concurrent.max(1) as usize));
+        let resize = tokio::spawn(follow_concurrent(concurrent.clone(), self.live.subscribe()));
         let cancel_jobs = CancellationToken::new();
         let mut loops = Vec::new();
         let mut scalers = Vec::new();
         for setup in self.runners {
             let shell = setup.config.shell.clone().unwrap_or_else(|| "sh".into());
             let info = RunnerInfo::podfleet("docker-autoscaler", &shell);
-            let client = match Client::new(&setup.config.url, self.system_id.clone(), info) {
+            let telemetry = self.telemetry.clone();
+            let options = ClientOptions {
+                observer: Some(RequestObserver(Arc::new(move |exchange| {
+                    telemetry.coordinator_exchange(exchange)
+                }))),
+                ..ClientOptions::default()
+            };
+            let client = match Client::with_options(
+                &setup.config.url,
+                self.system_id.clone(),
+                info,
+                options,
+            ) {
                 Ok(client) => client,
                 Err(e) => {
                     tracing::error!(runner = %setup.config.name, error = %e, "runner disabled");
@@ -117,9 +277,15 @@ impl Manager {
                 Arc::new(readiness::InstanceReadiness {
                     runner: setup.config.clone(),
                 }),
-                scaler_settings(&setup.config, setup.provider.info().max_size),
+                scaler_settings(&self.config, &setup.config, setup.provider.info().max_size),
             );
-            forward_scaler_events(&scaler, &setup.config.name, self.events.clone());
+            forward_scaler_events(
+                &scaler,
+                &setup.config.name,
+                self.events.clone(),
+                self.telemetry.clone(),
+            );
+            self.telemetry.runner_started(&setup.config.name, &scaler);
             scalers.push(scaler.clone());
             let runner = Arc::new(job::RunnerContext {
                 config: setup.config,
@@ -127,11 +293,12 @@ impl Manager {
                 scaler,
                 events: self.events.clone(),
                 cancel: cancel_jobs.clone(),
+                telemetry: self.telemetry.clone(),
             });
             loops.push(tokio::spawn(poll_loop(
                 runner,
                 concurrent.clone(),
-                self.config.check_interval,
+                self.live.subscribe(),
                 shutdown.clone(),
             )));
         }
@@ -145,6 +312,7 @@ impl Manager {
             }
         };
         tracing::info!(?mode, "shutting down");
+        self.telemetry.set_mode(mode);
         if mode == Shutdown::Forceful {
             cancel_jobs.cancel();
         }
@@ -164,6 +332,7 @@ impl Manager {
             let _ = handle.await;
         }
         upgrade.abort();
+        resize.abort();
         for scaler in scalers {
             scaler.shutdown().await;
         }
@@ -174,6 +343,7 @@ fn forward_scaler_events(
     scaler: &Autoscaler,
     runner: &str,
     events: broadcast::Sender<ManagerEvent>,
+    telemetry: Arc<Telemetry>,
 ) {
     let mut receiver = scaler.events();
     let runner = runner.to_string();
@@ -182,6 +352,7 @@ fn forward_scaler_events(
             match receiver.recv().await {
                 Ok(event) => {
                     tracing::info!(runner = %runner, ?event, "autoscaler");
+                    telemetry.scaler_event(&runner, &event);
                     let _ = events.send(ManagerEvent::Scaler {
                         runner: runner.clone(),
                         event,
@@ -194,55 +365,40 @@ fn forward_scaler_events(
     });
 }
 
-fn scaler_settings(runner: &RunnerConfig, max_size: usize) -> ScalerSettings {
+fn scaler_settings(config: &Config, runner: &RunnerConfig, max_size: usize) -> ScalerSettings {
     let autoscaler = runner.autoscaler.clone().unwrap_or_default();
-    // The incumbent's rule: the last policy wins. Periods and time zones are the full
-    // autoscaler issue's; here every policy is taken as active.
-    let policy = autoscaler
-        .policy
-        .last()
-        .map_or_else(Policy::default, |p| Policy {
-            idle_count: p.idle_count as usize,
-            idle_time: p.idle_time,
-            scale_factor: p.scale_factor,
-            scale_factor_limit: p.scale_factor_limit as usize,
-        });
-    ScalerSettings {
-        limits: Limits {
-            capacity_per_instance: autoscaler.capacity_per_instance.max(1) as usize,
-            max_use_count: autoscaler.max_use_count,
-            max_instances: autoscaler.max_instances as usize,
-            max_size,
-        },
-        policy,
-        update_interval: autoscaler.update_interval,
-        update_interval_when_expecting: autoscaler.update_interval_when_expecting,
-        creation_timeout: autoscaler
-            .instance_acquire_timeout
-            .max(Duration::from_secs(60)),
-        delete_instances_on_shutdown: autoscaler.delete_instances_on_shutdown,
-        shutdown_deletion_interval: autoscaler.shutdown_deletion_interval,
-        shutdown_deletion_retries: autoscaler.shutdown_deletion_retries,
-        deletion_retry_interval: autoscaler.deletion_retry_interval,
-    }
+    ScalerSettings::from_config(&runner.name, &autoscaler, max_size, &config.state_dir())
 }
 
 /// Asks the coordinator for jobs while the runner has room, until shutdown.
 async fn poll_loop(
     runner: Arc<job::RunnerContext>,
     concurrent: Arc<Semaphore>,
-    check_interval: Duration,
+    live: watch::Receiver<LiveSettings>,
     shutdown: watch::Receiver<Shutdown>,
 ) {
-    let limit = match runner.config.limit {
-        0 => Semaphore::MAX_PERMITS,
-        n => n as usize,
+    let limit_of = |settings: &LiveSettings| {
+        let limit = settings
+            .limits
+            .iter()
+            .find(|(name, _)| *name == runner.config.name)
+            .map_or(runner.config.limit, |(_, limit)| *limit);
+        match limit {
+            0 => UNLIMITED,
+            n => n as usize,
+        }
     };
-    let runner_slots = Arc::new(Semaphore::new(limit));
+    let mut runner_limit = limit_of(&live.borrow());
+    let runner_slots = Arc::new(Semaphore::new(runner_limit));
     let mut last_update = None;
     let mut jobs = tokio::task::JoinSet::new();
     let token = runner.config.token.expose().to_string();
     while *shutdown.borrow() == Shutdown::Running {
+        let (check_interval, new_limit) = {
+            let settings = live.borrow();
+            (settings.check_interval, limit_of(&settings))
+        };
+        resize_semaphore(&runner_slots, &mut runner_limit, new_limit);
         let got_job = 'poll: {
             let Some(reservation) = runner.scaler.try_reserve() else {
                 break 'poll false;
@@ -276,4 +432,36 @@ async fn poll_loop(
         }
     }
     while jobs.join_next().await.is_some() {}
+}
+
+/// Permits standing for "no limit": large, yet small enough to grow and shrink from.
+const UNLIMITED: usize = 1 << 24;
+
+/// Keeps the global `concurrent` semaphore at the size the live settings say.
+async fn follow_concurrent(semaphore: Arc<Semaphore>, mut live: watch::Receiver<LiveSettings>) {
+    let mut size = live.borrow().concurrent;
+    while live.changed().await.is_ok() {
+        let wanted = live.borrow().concurrent;
+        resize_semaphore(&semaphore, &mut size, wanted);
+    }
+}
+
+/// Grows or shrinks a semaphore of `size` permits to `wanted`. Shrinking takes permits as
+/// running jobs give them back, so no running job is affected.
+fn resize_semaphore(semaphore: &Arc<Semaphore>, size: &mut usize, wanted: usize) {
+    if wanted == *size {
+        return;
+    }
+    if wanted > *size {
+        semaphore.add_permits(wanted - *size);
+    } else {
+        let surplus = (*size - wanted) as u32;
+        let semaphore = semaphore.clone();
+        tokio::spawn(async move {
+            if let Ok(permits) = semaphore.acquire_many(surplus).await {
+                permits.forget();
+            }
+        });
+    }
+    *size = wanted;
 }

@@ -1,8 +1,10 @@
-//! Readiness of a new instance: SSH answers with the configured credentials, the
-//! `instance_ready_command` succeeds (retried until a deadline), and the container engine
-//! answers the Docker API through the tunnel.
+//! Readiness of a new (or adopted) instance: SSH answers with the configured credentials,
+//! the `instance_ready_command` succeeds, and the container engine answers the Docker API
+//! through the tunnel. A failed attempt is retried with backoff (1 s doubling to 15 s) until
+//! `instance_ready_timeout`, because cloud-init and sshd come up at their own pace; the
+//! incumbent's single shot turns a slow boot into create/delete churn.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use podfleet_autoscaler::ReadinessCheck;
@@ -10,8 +12,12 @@ use podfleet_config::RunnerConfig;
 use podfleet_connector::Connection;
 use podfleet_executor::Executor;
 use podfleet_provider::{ConnectInfo, InstanceId};
+use tokio::time::Instant;
 
 use crate::session;
+
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LONGEST_RETRY: Duration = Duration::from_secs(15);
 
 pub struct InstanceReadiness {
     pub runner: RunnerConfig,
@@ -20,6 +26,36 @@ pub struct InstanceReadiness {
 #[async_trait]
 impl ReadinessCheck for InstanceReadiness {
     async fn check(&self, id: &InstanceId, info: &ConnectInfo) -> Result<(), String> {
+        let timeout = self
+            .runner
+            .autoscaler
+            .as_ref()
+            .map_or(Duration::from_secs(300), |a| a.instance_ready_timeout);
+        let deadline = Instant::now() + timeout;
+        let mut delay = FIRST_RETRY;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match tokio::time::timeout_at(deadline, self.attempt(id, info)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(error)) => error,
+                Err(_) => "the attempt did not finish".to_owned(),
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(format!(
+                    "{error} (instance {id} not ready after {attempts} attempt(s) within instance_ready_timeout = {timeout:?})"
+                ));
+            }
+            tracing::debug!(instance = %id, attempt = attempts, %error, "instance not ready yet; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(LONGEST_RETRY);
+        }
+    }
+}
+
+impl InstanceReadiness {
+    /// One attempt: connect, run the ready command once, ping the engine.
+    async fn attempt(&self, id: &InstanceId, info: &ConnectInfo) -> Result<(), String> {
         let options = session::connect_options(&self.runner, info).map_err(|e| e.to_string())?;
         let connection = Connection::connect(&options)
             .await
@@ -28,9 +64,7 @@ impl ReadinessCheck for InstanceReadiness {
         connection.close().await;
         result
     }
-}
 
-impl InstanceReadiness {
     async fn check_connected(
         &self,
         id: &InstanceId,
@@ -39,20 +73,13 @@ impl InstanceReadiness {
     ) -> Result<(), String> {
         let autoscaler = self.runner.autoscaler.as_ref();
         if let Some(command) = autoscaler.and_then(|a| a.instance_ready_command.as_deref()) {
-            let deadline = Instant::now() + Duration::from_secs(300);
-            loop {
-                let output = connection.exec(command).await.map_err(|e| e.to_string())?;
-                if output.exit_status == 0 {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err(format!(
-                        "instance_ready_command exited {} on {id}: {}",
-                        output.exit_status,
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    ));
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+            let output = connection.exec(command).await.map_err(|e| e.to_string())?;
+            if output.exit_status != 0 {
+                return Err(format!(
+                    "instance_ready_command exited {} on {id}: {}",
+                    output.exit_status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ));
             }
         }
         let tunnel = session::docker_tunnel(&self.runner, info).map_err(|e| e.to_string())?;

@@ -1,8 +1,15 @@
 //! The `podfleet` binary: the CLI over the library crates. Only this crate reads the
 //! environment, installs signal handlers and picks exit codes (0 ok, 1 failed, 2 bad input).
 
+mod doctor;
+mod host;
+mod images;
+mod logging;
 mod pipeline;
 mod providers;
+mod service;
+mod simulate;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,11 +38,31 @@ enum Command {
     },
     /// Run a .gitlab-ci.yml pipeline on this machine through the embedded coordinator.
     Pipeline(pipeline::PipelineArgs),
+    /// Prepare this host as an executor (`host prepare`).
+    Host(host::HostArgs),
     /// Run the manager daemon against the coordinator URLs of the config (GitLab or other).
-    Run {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    Run(RunArgs),
+    /// Show what the running daemon is doing: runners, instances, jobs, queue wait.
+    Status(status::StatusArgs),
+    /// Check config, coordinator, provider, instances and host; PASS/FAIL with the fix.
+    Doctor(doctor::DoctorArgs),
+    /// Install podfleet as a systemd service.
+    Service(service::ServiceArgs),
+    /// Replay a job-arrival trace through the autoscaler on a virtual clock (or generate one).
+    Simulate(simulate::SimulateArgs),
+    /// Show which image each instance runs and which are outdated.
+    Images(images::ImagesArgs),
+    /// Run the pull-through image cache (`cache serve`).
+    Cache(podfleet_image_cache::cli::CacheArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The status socket to serve [default: see `podfleet status --help`].
+    #[arg(long)]
+    status_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -49,13 +76,22 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PODFLEET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The daemon logs as its config says, once the config is read; commands log warnings.
+    let log_level = match &cli.command {
+        Command::Run(args) => podfleet_config::load(&args.config)
+            .ok()
+            .map(|loaded| loaded.config),
+        _ => None,
+    }
+    .map_or_else(
+        || logging::init("warn", "runner"),
+        |config| {
+            logging::init(
+                config.log_level.as_deref().unwrap_or("info"),
+                config.log_format.as_deref().unwrap_or("runner"),
+            )
+        },
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -69,7 +105,19 @@ fn main() -> ExitCode {
                 command: ConfigCommand::Check { file },
             } => config_check(&file),
             Command::Pipeline(args) => pipeline::run(args).await,
-            Command::Run { config } => run_manager(&config).await,
+            Command::Host(args) => host::run(args).await,
+            Command::Run(args) => run_manager(args, log_level).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Doctor(args) => doctor::run(args).await,
+            Command::Images(args) => images::run(args).await,
+            Command::Service(args) => service::run(args).await,
+            Command::Simulate(args) => simulate::run(args).await,
+            Command::Cache(args) => {
+                podfleet_image_cache::cli::run(args, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
+            }
         }
     })
 }
@@ -102,10 +150,19 @@ fn config_check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run_manager(path: &std::path::Path) -> ExitCode {
+async fn run_manager(args: RunArgs, log_level: logging::LevelHandle) -> ExitCode {
+    let path = args.config.as_path();
     let config = match load_config(path) {
         Ok(config) => config,
         Err(code) => return code,
+    };
+    let socket = args.status_socket.unwrap_or_else(status::default_socket);
+    let status_listener = match status::bind(&socket).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("podfleet: status socket: {e:#}");
+            return ExitCode::from(EXIT_FAILED);
+        }
     };
     let mut runners = Vec::new();
     for runner in &config.runners {
@@ -121,10 +178,84 @@ async fn run_manager(path: &std::path::Path) -> ExitCode {
         }
     }
     let (stop, stopped) = watch::channel(Shutdown::Running);
-    spawn_signal_handlers(stop);
+    let listen_address = config.listen_address.clone();
     let manager = podfleet_manager::Manager::new(config, runners, system_id());
+    status::serve_status(status_listener, manager.telemetry());
+    if let Some(address) = listen_address
+        && let Err(e) = status::serve_metrics(&address, manager.telemetry()).await
+    {
+        eprintln!("podfleet: {e:#}");
+        let _ = std::fs::remove_file(&socket);
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    spawn_signal_handlers(stop.clone());
+    spawn_reloads(path.to_path_buf(), manager.reloader(), log_level);
+    service::notify("READY=1");
+    service::spawn_watchdog();
+    {
+        // Tell systemd a stop has begun, so that it waits (TimeoutStopSec) instead of
+        // assuming a hang.
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            if stopped
+                .wait_for(|mode| *mode != Shutdown::Running)
+                .await
+                .is_ok()
+            {
+                service::notify("STOPPING=1");
+            }
+        });
+    }
     manager.run(stopped).await;
+    let _ = std::fs::remove_file(&socket);
     ExitCode::SUCCESS
+}
+
+/// Reloads the config on SIGHUP and when the file changes (checked every 3 s, like
+/// gitlab-runner), applying what can change while jobs run and saying what cannot.
+fn spawn_reloads(path: PathBuf, reloader: podfleet_manager::Reloader, level: logging::LevelHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler: config reload by signal is off");
+        return;
+    };
+    tokio::spawn(async move {
+        let mut seen = std::fs::read(&path).ok();
+        loop {
+            let forced = tokio::select! {
+                _ = hangup.recv() => true,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(3)) => false,
+            };
+            let current = std::fs::read(&path).ok();
+            if !forced && current == seen {
+                continue;
+            }
+            seen = current;
+            service::notify("RELOADING=1");
+            match podfleet_config::load(&path) {
+                Ok(loaded) => {
+                    let config = loaded.config;
+                    let level_name = config.log_level.as_deref().unwrap_or("info");
+                    if let Err(e) = level.reload(logging::filter(level_name)) {
+                        tracing::warn!(error = %e, "changing the log level failed");
+                    }
+                    let outcome = reloader.apply(&config);
+                    tracing::info!(
+                        path = %path.display(),
+                        applied = ?outcome.applied,
+                        "config reloaded"
+                    );
+                    for change in outcome.needs_restart {
+                        tracing::warn!(change = %change, "config change takes effect after a restart");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), "config reload refused, the running config stays:\n{e}");
+                }
+            }
+            service::notify("READY=1");
+        }
+    });
 }
 
 /// SIGQUIT drains gracefully; SIGINT and SIGTERM cancel running jobs. Either way the

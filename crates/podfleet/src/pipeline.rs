@@ -31,6 +31,10 @@ pub struct PipelineArgs {
     /// Write a JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Serve `podfleet status` on this socket while the pipeline runs [default: the
+    /// daemon's, when no daemon uses it].
+    #[arg(long)]
+    status_socket: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -135,6 +139,21 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
         }
     }
     let manager = Manager::new(config, runners, crate::system_id());
+    // `podfleet status` works during a pipeline too, unless a daemon holds the socket.
+    let socket = args
+        .status_socket
+        .clone()
+        .unwrap_or_else(crate::status::default_socket);
+    let serving = match crate::status::bind(&socket).await {
+        Ok(listener) => {
+            crate::status::serve_status(listener, manager.telemetry());
+            true
+        }
+        Err(e) => {
+            eprintln!("podfleet: status is not served: {e:#}");
+            false
+        }
+    };
     let mut manager_events = manager.events();
     let (stop, stopped) = watch::channel(Shutdown::Running);
     let manager_task = tokio::spawn(manager.run(stopped));
@@ -185,6 +204,9 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
                 }
             }
         }
+    }
+    if serving {
+        let _ = std::fs::remove_file(&socket);
     }
     print_summary(&report, &placement.instances);
     if let Some(path) = &args.report {

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use podfleet_config::RunnerConfig;
 use podfleet_provider::{Provider, SecretString};
 use podfleet_provider_local::{InstanceCredentials, LocalProvider, LocalSettings};
+use podfleet_provider_static::{StaticProvider, StaticSettings};
 
 /// Local groups (state dir + name) already handed to a runner in this process.
 static LOCAL_GROUPS: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
@@ -53,12 +54,60 @@ pub async fn provider_for(runner: &RunnerConfig) -> anyhow::Result<Arc<dyn Provi
                 .with_context(|| format!("runner {:?}: local provider", runner.name))?;
             Ok(Arc::new(provider))
         }
+        "static" => {
+            let settings = StaticSettings::from_plugin_config(&autoscaler.plugin_config)
+                .with_context(|| format!("runner {:?}", runner.name))?;
+            Ok(Arc::new(StaticProvider::new(settings)))
+        }
+        "azure" | "fleeting-plugin-azure" => {
+            Ok(Arc::new(azure_provider(runner, autoscaler).await?))
+        }
         other => bail!(
             "runner {:?}: provider plugin {other:?} is not available in this build of podfleet \
-             (available: local)",
+             (available: local, static, azure)",
             runner.name
         ),
     }
+}
+
+/// The Azure scale-set provider: `plugin_config` as the incumbent plugin's (plus podfleet's
+/// optional keys), credentials from the conventional `AZURE_*` environment variables.
+pub async fn azure_provider(
+    runner: &RunnerConfig,
+    autoscaler: &podfleet_config::AutoscalerConfig,
+) -> anyhow::Result<podfleet_provider_azure::AzureProvider> {
+    let settings =
+        podfleet_provider_azure::AzureSettings::from_plugin_config(&autoscaler.plugin_config)
+            .with_context(|| format!("runner {:?}", runner.name))?;
+    let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let environment = podfleet_provider_azure::AzureEnvironment {
+        tenant_id: variable("AZURE_TENANT_ID"),
+        client_id: variable("AZURE_CLIENT_ID"),
+        client_secret: variable("AZURE_CLIENT_SECRET").map(SecretString::new),
+        federated_token_file: variable("AZURE_FEDERATED_TOKEN_FILE").map(Into::into),
+        authority_host: variable("AZURE_AUTHORITY_HOST"),
+    };
+    let connector = &autoscaler.connector_config;
+    let defaults = podfleet_provider_azure::ConnectorDefaults::default();
+    let connector = podfleet_provider_azure::ConnectorDefaults {
+        username: connector.username.clone(),
+        password: connector
+            .password
+            .as_ref()
+            .map(|p| SecretString::new(p.expose())),
+        use_external_addr: connector.use_external_addr,
+        os: connector.os.clone().unwrap_or(defaults.os),
+        arch: connector.arch.clone().unwrap_or(defaults.arch),
+        protocol_port: connector.protocol_port.unwrap_or(defaults.protocol_port),
+    };
+    podfleet_provider_azure::AzureProvider::new(
+        settings,
+        environment,
+        connector,
+        podfleet_provider_azure::Timing::default(),
+    )
+    .await
+    .with_context(|| format!("runner {:?}: azure provider", runner.name))
 }
 
 /// The OpenSSH public key line of a private key file.

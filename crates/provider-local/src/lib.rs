@@ -4,16 +4,16 @@
 //! 127.0.0.1. It behaves like a cloud scale set: state is read back from the host (users,
 //! sockets, processes), so a restarted manager sees the same instances.
 
-mod host;
 mod settings;
 mod sshd;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
+use podfleet_host as host;
 use podfleet_provider::{
     ConnectInfo, InstanceId, InstanceState, Provider, ProviderError, ProviderInfo,
     ProviderInstance, SecretString,
@@ -21,7 +21,6 @@ use podfleet_provider::{
 pub use settings::{InstanceCredentials, LocalSettings};
 use sshd::Sshd;
 
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const READY_MARKER: &str = ".podfleet-ready";
 
 /// useradd/userdel lock /etc/passwd and friends: serialise them across every group of the
@@ -66,7 +65,8 @@ impl LocalProvider {
         })?;
         // Instance users read image archives from here.
         for d in [&settings.state_dir, &dir, &dir.join("images")] {
-            set_mode(d, 0o755).map_err(|e| platform(format!("chmod {}: {e}", d.display())))?;
+            host::set_mode(d, 0o755)
+                .map_err(|e| platform(format!("chmod {}: {e}", d.display())))?;
         }
         check_reachable_by_instances(&dir.join("images"))?;
         // Without a password the instances are reached by key (given or generated).
@@ -162,11 +162,6 @@ fn platform(message: String) -> ProviderError {
     ProviderError::Platform(message)
 }
 
-fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
-
 /// sshd (StrictModes) ignores an `AuthorizedKeysFile` when a directory above it may be
 /// written by anyone but root (e.g. one below /tmp): every key would be refused, with a
 /// line in sshd's log as the only hint. Refuse such a state dir up front instead.
@@ -215,14 +210,6 @@ fn check_reachable_by_instances(dir: &Path) -> Result<(), ProviderError> {
         ))),
         None => Ok(()),
     }
-}
-
-fn runtime_dir(uid: u32) -> PathBuf {
-    PathBuf::from(format!("/run/user/{uid}"))
-}
-
-fn socket_path(uid: u32) -> PathBuf {
-    runtime_dir(uid).join("podman/podman.sock")
 }
 
 /// Everything a creation task needs, detached from the provider's lifetime.
@@ -276,13 +263,7 @@ impl Creation {
             let path = Sshd::authorized_keys_dir(&self.dir).join(user);
             std::fs::write(&path, format!("{key}\n")).map_err(|e| e.to_string())?;
         }
-        let run_dir = runtime_dir(account.uid);
-        for dir in [run_dir.clone(), run_dir.join("podman")] {
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            std::os::unix::fs::chown(&dir, Some(account.uid), Some(account.gid))
-                .map_err(|e| e.to_string())?;
-            set_mode(&dir, 0o700).map_err(|e| e.to_string())?;
-        }
+        host::ensure_runtime_dir(&account).map_err(|e| e.to_string())?;
         if let Some(conf) = &self.settings.registries_conf {
             let path = account.home.join(".config/containers/registries.conf.d");
             self.as_user(&account, "mkdir", &["-p", &path.to_string_lossy()])
@@ -310,89 +291,23 @@ impl Creation {
         Ok(())
     }
 
-    fn user_command(
-        account: &host::Account,
-        program: &str,
-        args: &[&str],
-    ) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new("runuser");
-        command
-            .args(["-u", &account.name, "--", "env", "-i"])
-            .arg(format!("HOME={}", account.home.display()))
-            .arg(format!("USER={}", account.name))
-            .arg(format!("LOGNAME={}", account.name))
-            .arg(format!("PATH={PATH}"))
-            .arg(format!(
-                "XDG_RUNTIME_DIR={}",
-                runtime_dir(account.uid).display()
-            ))
-            .arg(program)
-            .args(args)
-            .current_dir(&account.home);
-        command
-    }
-
     async fn as_user(
         &self,
         account: &host::Account,
         program: &str,
         args: &[&str],
     ) -> Result<(), String> {
-        let output = Self::user_command(account, program, args)
-            .stdin(std::process::Stdio::null())
-            .output()
+        host::run_as(account, program, args)
             .await
-            .map_err(|e| format!("{program}: {e}"))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{program} {} as {}: {}",
-                args.join(" "),
-                account.name,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     async fn start_podman_service(&self, account: &host::Account) -> Result<(), String> {
-        let socket = socket_path(account.uid);
         let log_path = self.dir.join(format!("{}.podman.log", account.name));
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let log_err = log.try_clone().map_err(|e| e.to_string())?;
-        let url = format!("unix://{}", socket.display());
-        let mut command =
-            Self::user_command(account, "podman", &["system", "service", "--time=0", &url]);
-        command
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            // Own process group: a Ctrl-C aimed at the manager must not take the
-            // instance's service down; deletion kills it explicitly.
-            .process_group(0);
-        let mut child = command
-            .spawn()
-            .map_err(|e| format!("start podman service: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if socket.exists() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                // The service runs on; tokio reaps it if it ever exits while we run.
-                drop(child);
-                return Ok(());
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(format!(
-                    "podman system service exited ({status}): {}",
-                    log.trim()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err(format!(
-            "podman service socket {} did not appear within 30s",
-            socket.display()
-        ))
+        host::start_podman_service(account, &log_path)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// `podman save` archives of the images instances carry, made once per image id.
@@ -426,7 +341,7 @@ impl Creation {
                 host::run("podman", &["save", "-q", "-o", &part_arg, &name])
                     .await
                     .map_err(|e| e.to_string())?;
-                set_mode(&part, 0o644).map_err(|e| e.to_string())?;
+                host::set_mode(&part, 0o644).map_err(|e| e.to_string())?;
                 std::fs::rename(&part, &archive).map_err(|e| e.to_string())?;
             }
             archives.push(archive);
@@ -444,7 +359,7 @@ async fn delete_instance(
     host::kill_all_processes(account.uid)
         .await
         .map_err(|e| e.to_string())?;
-    let run_dir = runtime_dir(account.uid);
+    let run_dir = host::runtime_dir(account.uid);
     for mount in host::mounts_below(&[&account.home, &run_dir]) {
         let _ = host::run("umount", &["-l", &mount.to_string_lossy()]).await;
     }
@@ -637,7 +552,11 @@ impl Provider for LocalProvider {
             ),
             os: "linux".into(),
             arch: std::env::consts::ARCH.into(),
-            docker_socket: Some(socket_path(account.uid).to_string_lossy().into_owned()),
+            docker_socket: Some(
+                host::podman_socket(account.uid)
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
         })
     }
 }
@@ -649,7 +568,7 @@ fn observed_state(account: &host::Account) -> InstanceState {
             reason: "instance was never completed (creation interrupted)".into(),
         };
     }
-    if !socket_path(account.uid).exists() || host::processes_of(account.uid).is_empty() {
+    if !host::podman_socket(account.uid).exists() || host::processes_of(account.uid).is_empty() {
         return InstanceState::Failed {
             reason: "the instance's Podman service is not running".into(),
         };

@@ -90,6 +90,25 @@ pub struct ProviderInfo {
     pub max_size: usize,
 }
 
+/// Which image an instance runs, for image maintenance: instances that are not on the
+/// group's current image are drained after their job and replaced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceImage {
+    pub id: InstanceId,
+    /// The image as the platform names it (an image id or path, or `publisher:offer:sku:version`).
+    pub image: String,
+    /// The image version the instance was built from, when the platform tells it.
+    pub version: Option<String>,
+    /// Whether the instance matches the group's current model (Azure `latestModelApplied`);
+    /// `None` when the platform has no such notion.
+    pub latest_model_applied: Option<bool>,
+    /// The version new instances get (or should get, with a tracked image gallery).
+    pub target_version: Option<String>,
+    /// `false`: the instance runs an outdated image and should be replaced after its
+    /// current job. Only `Some(false)` asks for replacement; `None` means unknown.
+    pub up_to_date: Option<bool>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error("provider configuration: {0}")]
@@ -124,4 +143,14 @@ pub trait Provider: Send + Sync {
 
     /// Stops background work of the provider itself (not the instances).
     async fn shutdown(&self) {}
+
+    /// Per instance, which image it runs and whether that is the group's current image.
+    /// Providers without image tracking answer with a [`ProviderError::Platform`] error
+    /// saying so; the caller then does no image maintenance.
+    async fn instance_images(&self) -> Result<Vec<InstanceImage>, ProviderError> {
+        Err(ProviderError::Platform(format!(
+            "provider {} does not report instance images",
+            self.info().name
+        )))
+    }
 }

@@ -1,0 +1,101 @@
+//! Processes and mounts of the host, read from /proc.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::HostError;
+
+/// Process ids owned by `uid` (real uid), from /proc.
+pub fn processes_of(uid: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| process_uid(*pid) == Some(uid))
+        .collect()
+}
+
+fn process_uid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Kills every process of `uid` until none is left (processes may fork while we kill).
+pub async fn kill_all_processes(uid: u32) -> Result<(), HostError> {
+    for _ in 0..50 {
+        let pids = processes_of(uid);
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in pids {
+            // SAFETY: kill(2) with a pid read from /proc and a constant signal has no
+            // memory-safety preconditions; a vanished pid only yields ESRCH.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(HostError {
+        command: format!("kill processes of uid {uid}"),
+        detail: format!("still running: {:?}", processes_of(uid)),
+    })
+}
+
+/// Mount points below any of `roots`, deepest first.
+pub fn mounts_below(roots: &[&Path]) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| roots.iter().any(|r| p.starts_with(r)))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// The command line of a process, split into its arguments.
+pub fn cmdline(pid: i32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// The first process whose command line matches.
+pub fn find_process(matches: impl Fn(&[String]) -> bool) -> Option<i32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| cmdline(*pid).is_some_and(|args| matches(&args)))
+}
+
+/// Whether a process with this pid is alive.
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_own_processes() {
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        assert!(processes_of(uid).contains(&(std::process::id() as i32)));
+    }
+}
