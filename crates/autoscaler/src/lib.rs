@@ -26,7 +26,9 @@ use chrono::Utc;
 use ledger::{InstanceRecord, Ledger, RecordState};
 use metrics::Metrics;
 use planner::{Action, InstanceView, Phase, Policy};
-use podfleet_provider::{ConnectInfo, InstanceId, InstanceState, Provider};
+use podfleet_provider::{
+    ConnectInfo, InstanceId, InstanceImage, InstanceState, Provider, ProviderError,
+};
 use predict::ArrivalModel;
 use tokio::sync::{Notify, broadcast};
 
@@ -501,6 +503,55 @@ impl Autoscaler {
         };
         self.inner.persist(id, tracked);
         Some(acquisition)
+    }
+
+    /// Asks the provider which image each instance runs; with `replace`, instances it
+    /// reports as outdated (`up_to_date == Some(false)`) are retired: they finish their
+    /// current jobs, take no new one, and are deleted, and normal scaling replaces them with
+    /// instances of the current image. Providers without image tracking answer an error.
+    pub async fn check_images(&self, replace: bool) -> Result<Vec<InstanceImage>, ProviderError> {
+        let images = self.inner.provider.instance_images().await?;
+        if replace {
+            for image in images.iter().filter(|i| i.up_to_date == Some(false)) {
+                if self.retire(&image.id) {
+                    tracing::info!(
+                        runner = %self.inner.lock().settings.runner,
+                        instance = %image.id,
+                        version = image.version.as_deref().unwrap_or("unknown"),
+                        target = image.target_version.as_deref().unwrap_or("unknown"),
+                        "outdated image: instance drains and is replaced"
+                    );
+                }
+            }
+        }
+        Ok(images)
+    }
+
+    /// Takes a ready instance out of service: it gets no new job and is deleted once its
+    /// running jobs are released (an outdated image, for example). Returns whether it was
+    /// ready and is now draining.
+    pub fn retire(&self, id: &InstanceId) -> bool {
+        let use_count = {
+            let mut state = self.inner.lock();
+            let now = now();
+            let Some(tracked) = state.instances.get_mut(id) else {
+                return false;
+            };
+            if tracked.phase != Phase::Ready {
+                return false;
+            }
+            tracked.set_phase(Phase::Retiring, now);
+            let use_count = tracked.use_count;
+            self.inner.persist(id, tracked);
+            use_count
+        };
+        let _ = self.inner.events.send(ScalerEvent::Retiring {
+            id: id.clone(),
+            use_count,
+        });
+        self.inner.wake.notify_one();
+        self.inner.changed.notify_waiters();
+        true
     }
 
     /// Gives a slot back. An unhealthy instance (unreachable, broken engine) stops counting
@@ -1049,7 +1100,7 @@ fn plan_actions(inner: &Inner, state: &mut State, now: Instant, work: &mut Work)
                     if let Some(t) = state.instances.get_mut(&id) {
                         let reason = match t.phase {
                             Phase::Failed => "failed",
-                            Phase::Retiring => "used up (max_use_count)",
+                            Phase::Retiring => "retired (used up or outdated)",
                             _ => "idle",
                         };
                         t.set_phase(Phase::Deleting, now);

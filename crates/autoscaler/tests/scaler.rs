@@ -11,9 +11,10 @@ use async_trait::async_trait;
 use podfleet_autoscaler::ledger::{InstanceRecord, Ledger, RecordState};
 use podfleet_autoscaler::planner::{Limits, Policy};
 use podfleet_autoscaler::schedule::ScheduledPolicy;
-use podfleet_autoscaler::{Autoscaler, ReadinessCheck, RecoveredJob, ScalerSettings};
+use podfleet_autoscaler::{Autoscaler, ReadinessCheck, RecoveredJob, ScalerEvent, ScalerSettings};
 use podfleet_provider::{
-    ConnectInfo, InstanceId, InstanceState, Provider, ProviderError, ProviderInfo, ProviderInstance,
+    ConnectInfo, InstanceId, InstanceImage, InstanceState, Provider, ProviderError, ProviderInfo,
+    ProviderInstance,
 };
 use tokio::time::Instant;
 
@@ -42,6 +43,8 @@ struct GroupState {
     ignoring_deletes: bool,
     /// New instances stay in Creating forever.
     never_running: bool,
+    /// Instances the platform reports as running an outdated image.
+    outdated: Vec<InstanceId>,
 }
 
 impl MemoryGroup {
@@ -119,6 +122,25 @@ impl Provider for MemoryGroup {
             state.instances.push((id, InstanceState::Creating));
         }
         Ok(count)
+    }
+    /// Instances in `outdated` run an old image.
+    async fn instance_images(&self) -> Result<Vec<InstanceImage>, ProviderError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .instances
+            .iter()
+            .map(|(id, _)| {
+                let old = state.outdated.contains(id);
+                InstanceImage {
+                    id: id.clone(),
+                    image: "gallery/podfleet".into(),
+                    version: Some(if old { "1.0.0" } else { "2.0.0" }.into()),
+                    latest_model_applied: Some(!old),
+                    target_version: Some("2.0.0".into()),
+                    up_to_date: Some(!old),
+                }
+            })
+            .collect())
     }
     async fn decrease(&self, ids: &[InstanceId]) -> Result<Vec<InstanceId>, ProviderError> {
         let mut state = self.state.lock().unwrap();
@@ -633,5 +655,41 @@ async fn a_reload_raises_and_lowers_idle_capacity_without_touching_busy_instance
     .await;
     assert!(!group.was_deleted(&busy.instance));
     scaler.release(&busy, true);
+    scaler.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn outdated_instances_finish_their_job_then_are_replaced() {
+    let group = Arc::new(MemoryGroup::default());
+    let scaler = Autoscaler::start(group.clone(), always_ready(), settings(0, 2));
+    let first = scaler.acquire(Duration::from_secs(60)).await.unwrap();
+    let old = first.instance.clone();
+    // The platform's model moves on: the busy instance now runs an outdated image.
+    group.state.lock().unwrap().outdated.push(old.clone());
+    let images = scaler.check_images(false).await.unwrap();
+    assert!(
+        images
+            .iter()
+            .any(|i| i.id == old && i.up_to_date == Some(false))
+    );
+    // With replacement on, it drains: its job goes on, it is not deleted under it...
+    scaler.check_images(true).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!group.was_deleted(&old), "deleted under a running job");
+    let mut events = scaler.events();
+    // ...no new job lands on it, even idle: the next job waits for a new instance...
+    let second = scaler.acquire(Duration::from_secs(60)).await.unwrap();
+    scaler.release(&first, true);
+    let third = scaler.acquire(Duration::from_secs(600)).await.unwrap();
+    assert_ne!(third.instance, old, "a job landed on an outdated instance");
+    // ...and it was deleted once its job was done.
+    eventually("outdated instance deleted", || group.was_deleted(&old)).await;
+    let mut retired = false;
+    while let Ok(event) = events.try_recv() {
+        retired |= matches!(&event, ScalerEvent::Deleting { id, .. } if *id == old);
+    }
+    assert!(retired, "no deletion event for the outdated instance");
+    scaler.release(&second, true);
+    scaler.release(&third, true);
     scaler.shutdown().await;
 }

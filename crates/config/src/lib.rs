@@ -11,8 +11,8 @@
 //! output, in problems or in [`Config::summary_lines`]. These keys are podfleet extensions that
 //! gitlab-runner does not have: `tag_list` and `run_untagged` in `[[runners]]`, because GitLab
 //! keeps tags server-side while podfleet's embedded coordinator needs them locally; and the
-//! autoscaler's `state_file`, `instance_ready_timeout`, `predictive_warm_capacity` and the
-//! global `podfleet_state_dir`. Policy `periods` and `timezone` are parsed here
+//! autoscaler's `state_file`, `instance_ready_timeout`, `predictive_warm_capacity`,
+//! `image_check_interval`, `replace_outdated_images` and the global `podfleet_state_dir`. Policy `periods` and `timezone` are parsed here
 //! ([`schedule`]) into the values the autoscaler evaluates.
 //!
 //! This is the only crate that knows TOML.

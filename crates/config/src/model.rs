@@ -298,6 +298,12 @@ section! {
         /// podfleet extension: keep idle capacity ahead of the arrival rate learned per
         /// hour of the week from the ledger's history, on top of the policy's idle_count.
         "predictive_warm_capacity" predictive_warm_capacity: bool = kind::boolean,
+        /// podfleet extension: how often the provider is asked which image each instance
+        /// runs (providers that report images, such as Azure).
+        "image_check_interval" image_check_interval: Duration = kind::go_duration_nonzero_or(5 * MINUTE),
+        /// podfleet extension: instances the provider reports as not on the group's current
+        /// image are drained after their current job and replaced.
+        "replace_outdated_images" replace_outdated_images: bool = kind::boolean,
     }
     ignored = [];
 }

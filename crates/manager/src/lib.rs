@@ -234,6 +234,7 @@ impl Manager {
         let resize = tokio::spawn(follow_concurrent(concurrent.clone(), self.live.subscribe()));
         let cancel_jobs = CancellationToken::new();
         let mut loops = Vec::new();
+        let mut image_watches = Vec::new();
         let mut scalers = Vec::new();
         for setup in self.runners {
             let shell = setup.config.shell.clone().unwrap_or_else(|| "sh".into());
@@ -286,6 +287,12 @@ impl Manager {
                 self.telemetry.clone(),
             );
             self.telemetry.runner_started(&setup.config.name, &scaler);
+            image_watches.push(tokio::spawn(watch_images(
+                setup.config.name.clone(),
+                scaler.clone(),
+                setup.config.autoscaler.clone().unwrap_or_default(),
+                self.telemetry.clone(),
+            )));
             scalers.push(scaler.clone());
             let runner = Arc::new(job::RunnerContext {
                 config: setup.config,
@@ -332,6 +339,9 @@ impl Manager {
             let _ = handle.await;
         }
         upgrade.abort();
+        for watch in image_watches {
+            watch.abort();
+        }
         resize.abort();
         for scaler in scalers {
             scaler.shutdown().await;
@@ -363,6 +373,37 @@ fn forward_scaler_events(
             }
         }
     });
+}
+
+/// Every `image_check_interval`, learns which image each instance runs (for `podfleet
+/// status`) and, with `replace_outdated_images`, has outdated ones drained and replaced.
+/// Providers without image tracking are asked once and then left alone.
+async fn watch_images(
+    runner: String,
+    scaler: Autoscaler,
+    config: podfleet_config::AutoscalerConfig,
+    telemetry: Arc<Telemetry>,
+) {
+    let mut reported = false;
+    loop {
+        match scaler.check_images(config.replace_outdated_images).await {
+            Ok(images) => {
+                reported = true;
+                telemetry.set_images(&runner, &images);
+            }
+            Err(e) if !reported => {
+                tracing::debug!(runner = %runner, error = %e, "no image maintenance for this runner");
+                if config.replace_outdated_images {
+                    tracing::warn!(runner = %runner, error = %e, "replace_outdated_images is set but the provider does not report images");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(runner = %runner, error = %e, "checking instance images failed")
+            }
+        }
+        tokio::time::sleep(config.image_check_interval).await;
+    }
 }
 
 fn scaler_settings(config: &Config, runner: &RunnerConfig, max_size: usize) -> ScalerSettings {

@@ -67,6 +67,10 @@ pub struct InstanceStatus {
     pub uses: u32,
     /// Jobs running on it now.
     pub jobs: Vec<u64>,
+    /// The image version it runs, for providers that report images.
+    pub image: Option<String>,
+    /// Whether that is the group's current image (`None`: unknown).
+    pub image_up_to_date: Option<bool>,
 }
 
 /// One runner in `podfleet status`.
@@ -128,6 +132,20 @@ struct InstanceEntry {
     state: &'static str,
     since: Instant,
     uses: u32,
+    image: Option<String>,
+    up_to_date: Option<bool>,
+}
+
+impl InstanceEntry {
+    fn new(state: &'static str) -> Self {
+        Self {
+            state,
+            since: Instant::now(),
+            uses: 0,
+            image: None,
+            up_to_date: None,
+        }
+    }
 }
 
 struct State {
@@ -261,11 +279,7 @@ impl Telemetry {
             }
             s.instances
                 .entry((runner.to_string(), instance.to_string()))
-                .or_insert_with(|| InstanceEntry {
-                    state: "ready",
-                    since: Instant::now(),
-                    uses: 0,
-                })
+                .or_insert_with(|| InstanceEntry::new("ready"))
                 .uses += 1;
         });
     }
@@ -292,11 +306,10 @@ impl Telemetry {
         self.with(|s| {
             let key = |id: &podfleet_provider::InstanceId| (runner.to_string(), id.0.clone());
             let mut set = |id, state: &'static str| {
-                let entry = s.instances.entry(key(id)).or_insert_with(|| InstanceEntry {
-                    state,
-                    since: Instant::now(),
-                    uses: 0,
-                });
+                let entry = s
+                    .instances
+                    .entry(key(id))
+                    .or_insert_with(|| InstanceEntry::new(state));
                 entry.state = state;
             };
             match event {
@@ -313,6 +326,22 @@ impl Telemetry {
                 ScalerEvent::Failed { id, .. } => set(id, "failed"),
                 ScalerEvent::Deleted { id } => {
                     s.instances.remove(&key(id));
+                }
+            }
+        });
+    }
+
+    /// Records which image each known instance of `runner` runs.
+    pub(crate) fn set_images(&self, runner: &str, images: &[podfleet_provider::InstanceImage]) {
+        self.with(|s| {
+            for image in images {
+                if let Some(entry) = s
+                    .instances
+                    .get_mut(&(runner.to_string(), image.id.0.clone()))
+                {
+                    entry.image =
+                        Some(image.version.clone().unwrap_or_else(|| image.image.clone()));
+                    entry.up_to_date = image.up_to_date;
                 }
             }
         });
@@ -360,6 +389,8 @@ impl Telemetry {
                     state: instance.state.to_string(),
                     age_s: (now - instance.since).as_secs_f64(),
                     uses: instance.uses,
+                    image: instance.image.clone(),
+                    image_up_to_date: instance.up_to_date,
                     jobs: jobs
                         .iter()
                         .filter(|j| j.instance.as_deref() == Some(id.as_str()))

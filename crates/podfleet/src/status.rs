@@ -150,18 +150,23 @@ fn render(report: &StatusReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\nINSTANCE                  RUNNER           STATE      AGE      USES  JOBS"
+        "\nINSTANCE                  RUNNER           STATE      AGE      USES  IMAGE         JOBS"
     );
     for i in &report.instances {
         let jobs: Vec<String> = i.jobs.iter().map(u64::to_string).collect();
         let _ = writeln!(
             out,
-            "{:<25} {:<16} {:<10} {:<8} {:>4}  {}",
+            "{:<25} {:<16} {:<10} {:<8} {:>4}  {:<13} {}",
             i.id,
             i.runner,
             i.state,
             age(i.age_s),
             i.uses,
+            match (&i.image, i.image_up_to_date) {
+                (Some(image), Some(false)) => format!("{image} (old)"),
+                (Some(image), _) => image.clone(),
+                (None, _) => "-".to_string(),
+            },
             if jobs.is_empty() {
                 "-".to_string()
             } else {

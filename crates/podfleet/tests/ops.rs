@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use podfleet_local_coordinator::{
     Handle, JobStatus, LocalCoordinator, LocalCoordinatorOptions, RunnerRegistration,
 };
@@ -29,51 +31,16 @@ fn free_port() -> u16 {
 
 /// A config for one runner on the local provider, talking to `url`.
 fn write_config(dir: &Path, group: &str, url: &str, extra_global: &str) -> PathBuf {
-    let text = format!(
-        r#"concurrent = 2
-check_interval = 1
-podfleet_state_dir = "{state}"
-{extra_global}
-
-[[runners]]
-name = "ops"
-url = "{url}"
-token = "{TOKEN}"
-executor = "docker-autoscaler"
-shell = "sh"
-run_untagged = true
-environment = ["FF_NETWORK_PER_BUILD=1"]
-
-[runners.docker]
-image = "localhost/podfleet/busybox:latest"
-pull_policy = "if-not-present"
-
-[runners.autoscaler]
-plugin = "local"
-capacity_per_instance = 1
-max_use_count = 1
-max_instances = 1
-delete_instances_on_shutdown = true
-update_interval_when_expecting = "500ms"
-
-[runners.autoscaler.plugin_config]
-name = "{group}"
-state_dir = "{state}"
-images = ["localhost/podfleet/busybox:latest"]
-
-[runners.autoscaler.connector_config]
-password = "{PASSWORD}"
-timeout = "30s"
-
-[[runners.autoscaler.policy]]
-idle_count = 0
-idle_time = "1m"
-"#,
-        state = dir.join("state").display()
-    );
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    support::LocalRunner {
+        name: "ops",
+        group,
+        url,
+        token: TOKEN,
+        password: PASSWORD,
+        global: extra_global,
+        plugin: "",
+    }
+    .write(dir)
 }
 
 async fn coordinator(dir: &Path, pipeline: &str) -> Handle {
@@ -397,7 +364,16 @@ async fn doctor_passes_a_healthy_setup_and_names_each_broken_link() {
     let cache = format!("http://127.0.0.1:{image_cache_port}");
 
     // Healthy: every check passes and the probe instance is gone afterwards.
-    let output = doctor(&config, &["--probe-instance", "--image-cache", &cache]);
+    let output = doctor(
+        &config,
+        &[
+            "--probe-instance",
+            "--min-free-gib",
+            "1",
+            "--image-cache",
+            &cache,
+        ],
+    );
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let all = format!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     for check in [

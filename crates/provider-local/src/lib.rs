@@ -264,12 +264,19 @@ impl Creation {
             std::fs::write(&path, format!("{key}\n")).map_err(|e| e.to_string())?;
         }
         host::ensure_runtime_dir(&account).map_err(|e| e.to_string())?;
-        if let Some(conf) = &self.settings.registries_conf {
+        let dropins = [
+            ("50-podfleet.conf", self.settings.registries_conf.clone()),
+            (
+                "50-podfleet-cache.conf",
+                self.settings.cache_dropin().map_err(|e| e.to_string())?,
+            ),
+        ];
+        for (name, text) in dropins {
+            let Some(text) = text else { continue };
             let path = account.home.join(".config/containers/registries.conf.d");
             self.as_user(&account, "mkdir", &["-p", &path.to_string_lossy()])
                 .await?;
-            let file = path.join("50-podfleet.conf");
-            std::fs::write(&file, conf).map_err(|e| e.to_string())?;
+            std::fs::write(path.join(name), text).map_err(|e| e.to_string())?;
         }
         self.start_podman_service(&account).await?;
         let images = self.image_archives().await?;

@@ -1,5 +1,6 @@
 //! `plugin_config` of the local provider, and the credentials it takes from the connector.
 
+use podfleet_image_cache::{MirrorRoute, render_registries_conf_dropin};
 use std::path::PathBuf;
 
 use podfleet_provider::{ProviderError, SecretString};
@@ -29,6 +30,18 @@ pub struct LocalSettings {
     /// point the instance at a pull-through image cache.
     #[serde(default)]
     pub registries_conf: Option<String>,
+    /// A podfleet image cache (`podfleet cache serve`) the instances pull through, as
+    /// `HOST:PORT` reachable from the instances (plain HTTP on a loopback address).
+    #[serde(default)]
+    pub image_cache: Option<String>,
+    /// The registries pulled through `image_cache`; each must be an upstream prefix of the
+    /// cache. Default: `docker.io`.
+    #[serde(default = "default_cache_registries")]
+    pub image_cache_registries: Vec<String>,
+}
+
+fn default_cache_registries() -> Vec<String> {
+    vec!["docker.io".into()]
 }
 
 fn default_name() -> String {
@@ -49,7 +62,8 @@ impl LocalSettings {
             serde_json::from_value(serde_json::Value::Object(config.clone())).map_err(|e| {
                 ProviderError::Config(format!(
                     "plugin_config of the local provider: {e} (known keys: name, state_dir, \
-                     ssh_port, images, max_size, registries_conf)"
+                     ssh_port, images, max_size, registries_conf, image_cache, \
+                     image_cache_registries)"
                 ))
             })?;
         let valid = !settings.name.is_empty()
@@ -63,7 +77,28 @@ impl LocalSettings {
                 settings.name
             )));
         }
+        settings.cache_dropin()?;
         Ok(settings)
+    }
+
+    /// The `registries.conf.d` drop-in that sends the instance's pulls through
+    /// `image_cache`, when one is set.
+    pub fn cache_dropin(&self) -> Result<Option<String>, ProviderError> {
+        let Some(address) = &self.image_cache else {
+            return Ok(None);
+        };
+        let routes: Vec<MirrorRoute> = self
+            .image_cache_registries
+            .iter()
+            .map(|r| MirrorRoute::same(r))
+            .collect();
+        render_registries_conf_dropin(address, &routes, true)
+            .map(Some)
+            .map_err(|e| {
+                ProviderError::Config(format!(
+                    "plugin_config.image_cache / image_cache_registries: {e}"
+                ))
+            })
     }
 }
 

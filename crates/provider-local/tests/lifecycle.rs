@@ -257,6 +257,8 @@ async fn keys_below_a_directory_others_may_write_are_refused_up_front() {
         images: Some(vec![BUSYBOX.to_string()]),
         max_size: 1,
         registries_conf: None,
+        image_cache: None,
+        image_cache_registries: Vec::new(),
     };
     let error = LocalProvider::new(settings.clone(), InstanceCredentials::default())
         .await
@@ -340,6 +342,8 @@ impl TestGroup {
             images: Some(images.iter().map(|i| i.to_string()).collect()),
             max_size: 4,
             registries_conf: None,
+            image_cache: None,
+            image_cache_registries: Vec::new(),
         };
         Self {
             settings,

@@ -485,20 +485,26 @@ impl CacheProcess {
             .append(true)
             .open(storage.with_extension("log"))
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_podfleet-cache"))
-            .arg("--listen")
-            .arg(address.to_string())
-            .arg("--storage")
-            .arg(storage)
-            .arg("--upstream")
-            .arg(format!("registry-a=http://{upstream}"))
-            .args(["--tag-ttl", "0s"])
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = Command::new(
+            // Set for this crate's own tests; other crates reuse the harness without it.
+            match option_env!("CARGO_BIN_EXE_podfleet-cache") {
+                Some(binary) => binary,
+                None => panic!("the podfleet-cache binary exists in image-cache's tests only"),
+            },
+        )
+        .arg("--listen")
+        .arg(address.to_string())
+        .arg("--storage")
+        .arg(storage)
+        .arg("--upstream")
+        .arg(format!("registry-a=http://{upstream}"))
+        .args(["--tag-ttl", "0s"])
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
         // Listening is enough: the cache may serve TLS, which this probe does not speak.
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(address).await.is_ok() {

@@ -1,0 +1,39 @@
+//! Shared by the binary's integration tests: the one-runner local-provider config.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// What differs between tests in `tests/data/local-runner.toml`.
+pub struct LocalRunner<'a> {
+    pub name: &'a str,
+    pub group: &'a str,
+    pub url: &'a str,
+    pub token: &'a str,
+    pub password: &'a str,
+    /// Extra global keys.
+    pub global: &'a str,
+    /// Extra `plugin_config` keys.
+    pub plugin: &'a str,
+}
+
+impl LocalRunner<'_> {
+    /// Writes `dir/config.toml` with the instances' state under `dir/state`.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/local-runner.toml"),
+        )
+        .unwrap();
+        let text = template
+            .replace("@STATE@", &dir.join("state").display().to_string())
+            .replace("@GLOBAL@", self.global)
+            .replace("@NAME@", self.name)
+            .replace("@URL@", self.url)
+            .replace("@TOKEN@", self.token)
+            .replace("@GROUP@", self.group)
+            .replace("@PASSWORD@", self.password)
+            .replace("@PLUGIN@", self.plugin);
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
