@@ -113,8 +113,20 @@ fn main() -> ExitCode {
             Command::Service(args) => service::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Cache(args) => {
+                // SIGINT or SIGTERM stops the cache; what is stored stays valid either way.
                 podfleet_image_cache::cli::run(args, async {
-                    let _ = tokio::signal::ctrl_c().await;
+                    use tokio::signal::unix::{SignalKind, signal};
+                    match signal(SignalKind::terminate()) {
+                        Ok(mut term) => {
+                            tokio::select! {
+                                _ = tokio::signal::ctrl_c() => {}
+                                _ = term.recv() => {}
+                            }
+                        }
+                        Err(_) => {
+                            let _ = tokio::signal::ctrl_c().await;
+                        }
+                    }
                 })
                 .await
             }
