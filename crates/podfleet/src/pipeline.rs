@@ -31,8 +31,7 @@ pub struct PipelineArgs {
     /// Write a JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Serve `podfleet status` on this socket while the pipeline runs [default: the
-    /// daemon's, when no daemon uses it].
+    /// Serve `podfleet status --socket SOCKET` on this socket while the pipeline runs.
     #[arg(long)]
     status_socket: Option<PathBuf>,
 }
@@ -139,20 +138,20 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
         }
     }
     let manager = Manager::new(config, runners, crate::system_id());
-    // `podfleet status` works during a pipeline too, unless a daemon holds the socket.
-    let socket = args
-        .status_socket
-        .clone()
-        .unwrap_or_else(crate::status::default_socket);
-    let serving = match crate::status::bind(&socket).await {
-        Ok(listener) => {
-            crate::status::serve_status(listener, manager.telemetry());
-            true
-        }
-        Err(e) => {
-            eprintln!("podfleet: status is not served: {e:#}");
-            false
-        }
+    // `podfleet status --socket S` works during a pipeline too, when asked for: the daemon's
+    // default socket is never taken, so a local pipeline cannot keep a daemon from starting.
+    let serving = match &args.status_socket {
+        Some(socket) => match crate::status::bind(socket).await {
+            Ok(listener) => {
+                crate::status::serve_status(listener, manager.telemetry());
+                Some(socket.clone())
+            }
+            Err(e) => {
+                eprintln!("podfleet: status is not served: {e:#}");
+                None
+            }
+        },
+        None => None,
     };
     let mut manager_events = manager.events();
     let (stop, stopped) = watch::channel(Shutdown::Running);
@@ -205,8 +204,8 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
             }
         }
     }
-    if serving {
-        let _ = std::fs::remove_file(&socket);
+    if let Some(socket) = serving {
+        let _ = std::fs::remove_file(socket);
     }
     print_summary(&report, &placement.instances);
     if let Some(path) = &args.report {

@@ -364,6 +364,8 @@ fn run_daemon_serves_a_coordinator_and_drains_on_sigquit() {
         .arg("run")
         .arg("--config")
         .arg(&config)
+        .arg("--status-socket")
+        .arg(dir.path().join("status.sock"))
         .spawn()
         .unwrap();
     let report = runtime.block_on(async {

@@ -528,30 +528,59 @@ async fn broken_instance_is_named(config: &Path, group: &str) {
         stdout
     };
 
-    // No subordinate ids: rootless Podman could not map image users.
-    for file in ["/etc/subuid", "/etc/subgid"] {
-        let kept: String = std::fs::read_to_string(file)
-            .unwrap()
-            .lines()
-            .filter(|l| !l.starts_with(&format!("{user}:")))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        std::fs::write(file, kept).unwrap();
-    }
-    let stdout = check("subids");
-    assert!(stdout.contains("usermod --add-subuids"), "{stdout}");
-
-    // The user's Podman API service is gone.
+    // The user's Podman API service is gone (and every other process of the user, so that
+    // usermod below may change the account).
     let uid = uid_of(&user.0);
-    let services = pids_of(uid, "system service");
-    assert!(!services.is_empty(), "no podman service for {user}");
-    for pid in services {
+    assert!(
+        !pids_of(uid, "system service").is_empty(),
+        "no podman service for {user}"
+    );
+    for pid in pids_of(uid, "") {
         // SAFETY: kill(2) with a pid read from /proc.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
     }
     check("engine");
+
+    // No subordinate ids: rootless Podman could not map image users. (usermod takes the
+    // same locks as useradd, so instances created meanwhile by other tests keep theirs.)
+    let mut removal = Command::new("usermod");
+    for (file, flag) in [
+        ("/etc/subuid", "--del-subuids"),
+        ("/etc/subgid", "--del-subgids"),
+    ] {
+        let line = std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with(&format!("{user}:")))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{user} has no range in {file}"));
+        let fields: Vec<u64> = line
+            .split(':')
+            .skip(1)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        removal
+            .arg(flag)
+            .arg(format!("{}-{}", fields[0], fields[0] + fields[1] - 1));
+    }
+    removal.arg(&user.0);
+    // The SSH sessions of the doctor run above may still be ending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !removal.status().unwrap().success() {
+        assert!(Instant::now() < deadline, "usermod kept failing for {user}");
+        for pid in pids_of(uid, "") {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let stdout = check("subids");
+    assert!(stdout.contains("usermod --add-subuids"), "{stdout}");
 
     // The login is refused.
     let mut chpasswd = Command::new("chpasswd")
