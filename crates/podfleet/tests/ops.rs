@@ -15,6 +15,10 @@ use podfleet_local_coordinator::{
 };
 
 const TOKEN: &str = "glrt-ops-Tok3n-5a1e";
+
+/// The tests here change host accounts on purpose (subordinate ids, passwords, killed
+/// services): one at a time, so that no test sees another's breakage.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PASSWORD: &str = "ops-Pa55word-not-for-logs";
 
 fn podfleet() -> Command {
@@ -135,6 +139,7 @@ fn notifications(socket: &UnixDatagram) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigquit_drains_a_running_job_while_status_and_metrics_show_it() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let group = "opsq";
     let coordinator = coordinator(
@@ -276,6 +281,7 @@ async fn sigquit_drains_a_running_job_while_status_and_metrics_show_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_instance_and_job_of_a_running_pipeline() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let group = "opsp";
     let config = write_config(dir.path(), group, "http://127.0.0.1/", "");
@@ -325,7 +331,25 @@ async fn status_shows_the_instance_and_job_of_a_running_pipeline() {
         "{table}"
     );
     let exit = wait_exit(&mut run, Duration::from_secs(180)).await;
-    assert!(exit.success());
+    let mut output = String::new();
+    for stream in [
+        run.stdout.take().map(|mut s| {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut text);
+            text
+        }),
+        run.stderr.take().map(|mut s| {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut text);
+            text
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        output.push_str(&stream);
+    }
+    assert!(exit.success(), "{exit:?}\n{output}");
     assert_eq!(instance_users(group), Vec::<String>::new());
 }
 
@@ -349,6 +373,7 @@ fn line_of<'a>(stdout: &'a str, check: &str) -> &'a str {
 /// its link is broken on purpose.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_passes_a_healthy_setup_and_names_each_broken_link() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let group = "opsd";
     let coordinator = coordinator(dir.path(), "unused:\n  script: [\"true\"]\n").await;
