@@ -7,6 +7,7 @@ mod job;
 pub mod mask;
 mod readiness;
 pub mod session;
+mod spec;
 pub mod telemetry;
 
 use std::sync::Arc;
