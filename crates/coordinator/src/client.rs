@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::CoordinatorError;
 use crate::model::{
-    JobRequest, JobResponse, RemoteJobStatus, RunnerInfo, Secret, UpdateJobRequest, VerifyRequest,
-    VerifyResponse, error_message,
+    JobRequest, JobResponse, RemoteJobStatus, ResetTokenRequest, ResetTokenResponse, RunnerInfo,
+    Secret, UpdateJobRequest, VerifyRequest, VerifyResponse, error_message,
 };
 use crate::retry::{RetryPolicy, is_retryable, wait_before_retry};
 
@@ -336,6 +336,26 @@ impl Client {
                 ..VerifyResponse::default()
             }),
             200 => answer.decode(),
+            403 => Err(CoordinatorError::Forbidden { url: answer.url }),
+            _ => Err(answer.unexpected()),
+        }
+    }
+
+    /// `POST /runners/reset_authentication_token`: trades the runner token for a new one (the
+    /// old one stops working). gitlab-runner does this before a token expires.
+    pub async fn reset_token(&self, token: &str) -> Result<ResetTokenResponse, CoordinatorError> {
+        let request = ResetTokenRequest {
+            token: Secret::new(token),
+        };
+        let answer = self
+            .send(Call::runner(
+                "runners/reset_authentication_token",
+                token,
+                &request,
+            ))
+            .await?;
+        match answer.status {
+            201 | 200 => answer.decode(),
             403 => Err(CoordinatorError::Forbidden { url: answer.url }),
             _ => Err(answer.unexpected()),
         }

@@ -239,6 +239,19 @@ pub struct VerifyResponse {
     pub token_expires_at: Option<DateTime<Utc>>,
 }
 
+/// Body of `POST /api/v4/runners/reset_authentication_token`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetTokenRequest {
+    pub token: Secret,
+}
+
+/// `POST /runners/reset_authentication_token` answer (201): the runner's new token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetTokenResponse {
+    pub token: Secret,
+    pub token_expires_at: Option<DateTime<Utc>>,
+}
+
 // ---------------------------------------------------------------------------------------------
 // §4: job request
 // ---------------------------------------------------------------------------------------------

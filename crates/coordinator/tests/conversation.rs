@@ -530,3 +530,33 @@ async fn writers_append_to_the_same_log() {
         format_checksum(crc32fast::hash(b"owner task\n")).as_str()
     );
 }
+
+#[tokio::test]
+async fn token_reset_trades_the_runner_token_and_a_refusal_is_forbidden() {
+    let server = ScriptedServer::start(vec![
+        Reply::status(201)
+            .json(r#"{"token":"glrt-new-token","token_expires_at":"2026-03-01T00:00:00.000Z"}"#),
+        Reply::status(403).json(r#"{"message":"403 Forbidden"}"#),
+    ])
+    .await;
+    let client = client(&server);
+    let reset = client.reset_token(RUNNER_TOKEN).await.expect("reset");
+    assert_eq!(reset.token.expose(), "glrt-new-token");
+    assert_eq!(
+        reset.token_expires_at.map(|at| at.to_rfc3339()),
+        Some("2026-03-01T00:00:00+00:00".to_string())
+    );
+    let refused = client.reset_token("glrt-new-token").await.unwrap_err();
+    assert_eq!(refused.status(), Some(403));
+    assert!(!refused.to_string().contains("glrt-new-token"), "{refused}");
+
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    let first = &requests[0];
+    assert_eq!(
+        (first.method.as_str(), first.path.as_str()),
+        ("POST", "/api/v4/runners/reset_authentication_token")
+    );
+    assert_common_headers(first);
+    assert_eq!(first.json()["token"], RUNNER_TOKEN);
+}
