@@ -12,7 +12,7 @@ die() { printf 'setup-host: error: %s\n' "$*" >&2; exit 1; }
 
 PACKAGES=(podman runc crun uidmap slirp4netns fuse-overlayfs openssh-server mmdebstrap
   busybox-static docker-registry skopeo sshpass procps psmisc iproute2 git ca-certificates curl
-  openssl bc python3 systemd)
+  openssl bc python3 python3-venv systemd unzip binutils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -32,6 +32,14 @@ if ! command -v docker >/dev/null 2>&1; then
   log "installing the docker CLI (docker.io, daemon left stopped)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io >/dev/null
   systemctl disable --now docker.service docker.socket >/dev/null 2>&1 || true
+fi
+
+# The S3 cache tests run against moto's server mode (PyPI `moto[server]`), kept in its own venv.
+if ! command -v moto_server >/dev/null 2>&1; then
+  log "installing moto[server] from PyPI into /opt/podfleet-moto (the S3 stand-in for cache tests)"
+  python3 -m venv /opt/podfleet-moto
+  /opt/podfleet-moto/bin/pip install --quiet 'moto[server]'
+  ln -sf /opt/podfleet-moto/bin/moto_server /usr/local/bin/moto_server
 fi
 
 # --- Podman quirks, applied only where detected -------------------------------------------

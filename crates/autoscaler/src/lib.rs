@@ -371,6 +371,17 @@ impl Autoscaler {
         self.inner.lock().settings.clone()
     }
 
+    /// The group's ledger, when it has one: the manager keeps its resumable jobs there.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.inner.ledger.as_ref()
+    }
+
+    /// Whether the first listing has been reconciled with the ledger, so that
+    /// [`Autoscaler::recovered_jobs`] is complete.
+    pub fn synced(&self) -> bool {
+        self.inner.lock().synced_once
+    }
+
     /// Jobs that held a slot on an adopted instance when the previous manager stopped.
     /// Their slots are held until [`Autoscaler::reattach`] or [`Autoscaler::abandon`].
     pub fn recovered_jobs(&self) -> Vec<RecoveredJob> {

@@ -22,6 +22,7 @@ mod duration;
 mod kind;
 mod model;
 mod problem;
+pub mod rewrite;
 mod runner;
 pub mod schedule;
 mod secret;
@@ -32,8 +33,9 @@ use std::path::{Path, PathBuf};
 
 pub use duration::{format_duration, parse_duration};
 pub use model::{
-    AutoscalerConfig, Config, ConnectorConfig, DockerConfig, PolicyConfig, PullPolicy,
-    RunnerConfig, ScaleThrottle, ServiceConfig, SessionServerConfig, StateStorage,
+    AutoscalerConfig, CacheConfig, CacheS3Config, Config, ConnectorConfig, DockerConfig,
+    PolicyConfig, PullPolicy, RunnerConfig, ScaleThrottle, ServiceConfig, SessionServerConfig,
+    StateStorage,
 };
 pub use problem::Problem;
 pub use runner::{DEFAULT_STATE_DIR, short_token};

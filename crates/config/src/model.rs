@@ -112,9 +112,11 @@ section! {
         "tag_list" tag_list: Vec<String> = kind::tags,
         /// podfleet extension: whether the embedded coordinator gives this runner untagged jobs.
         "run_untagged" run_untagged: bool = kind::boolean,
+        /// `[runners.cache]`: the shared (distributed) cache; unset means caches stay on the
+        /// instance, in its local cache volume.
+        "cache" cache: Option<CacheConfig> = cache_section,
     }
     ignored = [
-        ("cache", "remove it: podfleet has no distributed cache support yet, caches stay on the instance"),
         ("custom_build_dir", "remove it: podfleet always lets jobs choose GIT_CLONE_PATH under builds_dir"),
         ("referees", "remove it: podfleet has no referees"),
         ("pre_clone_script", "rename it to pre_get_sources_script (pre_clone_script was removed in gitlab-runner 16.0)"),
@@ -127,6 +129,112 @@ section! {
         ("virtualbox", NOT_FOR_DOCKER_AUTOSCALER),
         ("custom", NOT_FOR_DOCKER_AUTOSCALER),
     ];
+}
+
+const CACHE_TYPES: &[&str] = &["s3"];
+const S3_AUTHENTICATION_TYPES: &[&str] = &["access-key"];
+
+section! {
+    /// `[runners.cache]`: where caches are shared between instances. The manager presigns
+    /// one URL per cache key and job, so instances never see the credentials.
+    pub struct CacheConfig {
+        /// The only distributed cache podfleet supports is S3 (or S3-compatible).
+        "Type" cache_type: Option<String> = kind::opt_one_of(CACHE_TYPES),
+        /// Prefix of every object name.
+        "Path" path: Option<String> = kind::opt_string,
+        /// Share caches between runners (drops `runner/<short token>/` from object names).
+        "Shared" shared: bool = kind::boolean,
+        /// Largest cache archive uploaded, in bytes; 0 means no limit.
+        "MaxUploadedArchiveSize" max_uploaded_archive_size: i64 = kind::int_at_least(0),
+        "s3" s3: Option<CacheS3Config> = kind::optional_section,
+    }
+    ignored = [
+        ("gcs", "remove it: podfleet's distributed cache supports Type = \"s3\" only"),
+        ("azure", "remove it: podfleet's distributed cache supports Type = \"s3\" only"),
+    ];
+}
+
+section! {
+    /// `[runners.cache.s3]`: an S3 or S3-compatible bucket, reached with SigV4 presigned URLs.
+    pub struct CacheS3Config {
+        /// `host[:port]`; unset means `s3.amazonaws.com`.
+        "ServerAddress" server_address: Option<String> = kind::opt_string,
+        "AccessKey" access_key: Option<Secret> = kind::opt_secret,
+        "SecretKey" secret_key: Option<Secret> = kind::opt_secret,
+        "SessionToken" session_token: Option<Secret> = kind::opt_secret,
+        "BucketName" bucket_name: String = kind::required_string("\"runner-cache\""),
+        /// Region of the bucket; unset means `us-east-1`.
+        "BucketLocation" bucket_location: Option<String> = kind::opt_string,
+        /// Plain HTTP to `ServerAddress`.
+        "Insecure" insecure: bool = kind::boolean,
+        /// Only `access-key`: instance-profile (IAM) credentials cannot presign from here.
+        "AuthenticationType" authentication_type: Option<String> = kind::opt_one_of(S3_AUTHENTICATION_TYPES),
+        /// Unset means path style for a custom `ServerAddress`, virtual-host style for AWS.
+        "PathStyle" path_style: Option<bool> = kind::opt_bool,
+    }
+    ignored = [
+        ("ServerSideEncryption", "remove it: podfleet does not set server-side encryption headers; enable default encryption on the bucket instead"),
+        ("ServerSideEncryptionKeyID", "remove it: podfleet does not set server-side encryption headers; enable default encryption on the bucket instead"),
+        ("DualStack", "remove it: podfleet uses ServerAddress as given"),
+        ("Accelerate", "remove it: podfleet uses ServerAddress as given"),
+        ("RoleARN", "remove it: podfleet presigns with AccessKey and SecretKey only"),
+        ("UploadRoleARN", "remove it: podfleet presigns with AccessKey and SecretKey only"),
+    ];
+}
+
+/// Reads `[runners.cache]` and checks what only makes sense together: `Type = "s3"` needs a
+/// `[runners.cache.s3]` with both keys, since podfleet presigns with them.
+fn cache_section(
+    walker: &mut crate::walk::Walker<'_>,
+    field: &crate::walk::Field<'_>,
+) -> Option<CacheConfig> {
+    let cache: CacheConfig = kind::optional_section(walker, field)?;
+    let s3_path = format!("{}.s3", field.path);
+    let s3_at = walker.position_of(&s3_path).unwrap_or(field.at);
+    match (&cache.cache_type, &cache.s3) {
+        (Some(_), None) => walker.error(
+            walker
+                .position_of(&format!("{}.Type", field.path))
+                .unwrap_or(field.at),
+            &format!("{}.Type", field.path),
+            "is \"s3\" but there is no [runners.cache.s3] section".to_owned(),
+            "add [runners.cache.s3] with ServerAddress, AccessKey, SecretKey and BucketName"
+                .to_owned(),
+        ),
+        (None, Some(_)) => walker.warning(
+            s3_at,
+            &s3_path,
+            "is ignored: [runners.cache] has no Type, so caches stay on the instance".to_owned(),
+            "add Type = \"s3\" to [runners.cache]".to_owned(),
+        ),
+        _ => {}
+    }
+    if let (Some(_), Some(s3)) = (&cache.cache_type, &cache.s3) {
+        for (key, value) in [("AccessKey", &s3.access_key), ("SecretKey", &s3.secret_key)] {
+            if value.as_ref().is_none_or(Secret::is_empty) {
+                walker.error(
+                    s3_at,
+                    &format!("{s3_path}.{key}"),
+                    "is missing; podfleet presigns cache URLs with AccessKey and SecretKey"
+                        .to_owned(),
+                    format!("add {key} = \"...\" to [runners.cache.s3]"),
+                );
+            }
+        }
+        if let Some(address) = &s3.server_address
+            && (address.contains("://") || address.contains('/') || address.trim().is_empty())
+        {
+            let key = format!("{s3_path}.ServerAddress");
+            walker.error(
+                walker.position_of(&key).unwrap_or(s3_at),
+                &key,
+                format!("{address:?} is not host[:port]"),
+                "set ServerAddress to host[:port] only; use Insecure = true for plain HTTP"
+                    .to_owned(),
+            );
+        }
+    }
+    Some(cache)
 }
 
 section! {

@@ -117,13 +117,13 @@ fn a_syntax_error_is_one_problem_with_its_position() {
 
 #[test]
 fn unknown_keys_alone_are_warnings() {
-    let text = format!("{RUNNER}    max_instancs = 3\n  [runners.cache]\n    Type = \"s3\"\n");
+    let text = format!("{RUNNER}    max_instancs = 3\n  [runners.referees]\n    x = 1\n");
     let loaded = parse(&text, "config.toml").expect("unknown keys do not stop loading");
     assert_eq!(
         places(&loaded.warnings),
         [
             (11, 5, "runners[0].autoscaler.max_instancs"),
-            (12, 12, "runners[0].cache")
+            (12, 12, "runners[0].referees")
         ]
     );
     assert_eq!(loaded.warnings[0].fix, "did you mean \"max_instances\"?");

@@ -4,6 +4,7 @@
 //! handling, headers and retries), and [`JobTrace`] streams one job's log and sends its final
 //! update. Masking the log is the caller's job: write only masked bytes into a [`JobTrace`].
 
+pub mod artifacts;
 mod client;
 mod error;
 pub mod model;

@@ -3,6 +3,7 @@
 
 mod buffer;
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub struct JobTraceOptions {
     pub final_update_retry_limit: u32,
     /// First backoff step between failed final updates (gitlab-runner: 1 s).
     pub final_update_backoff_base: Duration,
+    /// A file every accepted byte of the log is appended to before it is uploaded (mode
+    /// 0600), so that [`JobTrace::resume`] can carry the log on after a manager restart.
+    pub journal: Option<PathBuf>,
 }
 
 impl Default for JobTraceOptions {
@@ -55,6 +59,7 @@ impl Default for JobTraceOptions {
             debug_trace: false,
             final_update_retry_limit: 10,
             final_update_backoff_base: Duration::from_secs(1),
+            journal: None,
         }
     }
 }
@@ -430,9 +435,55 @@ pub struct JobTrace {
 }
 
 impl JobTrace {
-    /// Starts the upload task (on the current tokio runtime).
+    /// Starts the upload task (on the current tokio runtime). With `options.journal`, the
+    /// journal file is created (or truncated); if that fails the job runs without one (and
+    /// cannot be resumed after a restart), which is logged.
     pub fn start(client: Client, job_id: u64, job_token: &str, options: JobTraceOptions) -> Self {
-        let buffer = Arc::new(Mutex::new(TraceBuffer::new(options.output_limit_bytes)));
+        let mut buffer = TraceBuffer::new(options.output_limit_bytes);
+        if let Some(path) = &options.journal {
+            match open_journal(path, true) {
+                Ok(file) => buffer.set_journal(file),
+                Err(error) => tracing::warn!(
+                    job_id,
+                    %error,
+                    "cannot create the trace journal; this job cannot be resumed after a restart"
+                ),
+            }
+        }
+        Self::spawn(client, job_id, job_token, options, buffer)
+    }
+
+    /// Carries on the log of a job a previous manager process was running: the journal at
+    /// `options.journal` is read back as the log so far and appended to from now on. The
+    /// coordinator's accepted offset is not guessed: the first patch starts at 0 and the
+    /// server's answer (416 with `Range`, or an overwrite of identical bytes) moves the
+    /// upload to the server's offset, so nothing is lost or sent twice.
+    pub fn resume(
+        client: Client,
+        job_id: u64,
+        job_token: &str,
+        options: JobTraceOptions,
+    ) -> Result<Self, std::io::Error> {
+        let path = options.journal.clone().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a resumed trace needs a journal",
+            )
+        })?;
+        let accepted = std::fs::read(&path)?;
+        let file = open_journal(&path, false)?;
+        let buffer = TraceBuffer::resumed(options.output_limit_bytes, accepted, Some(file));
+        Ok(Self::spawn(client, job_id, job_token, options, buffer))
+    }
+
+    fn spawn(
+        client: Client,
+        job_id: u64,
+        job_token: &str,
+        options: JobTraceOptions,
+        buffer: TraceBuffer,
+    ) -> Self {
+        let buffer = Arc::new(Mutex::new(buffer));
         let (state_sender, state_receiver) = watch::channel(RemoteState::Running);
         let (stop_sender, stop_receiver) = oneshot::channel();
         let uploader = Uploader {
@@ -506,6 +557,28 @@ impl JobTrace {
             })?;
         uploader.finish(outcome).await
     }
+}
+
+/// Opens a trace journal for appending, owner-only (the log is masked, but it is still the
+/// job's output).
+fn open_journal(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).mode(0o600);
+    if truncate {
+        options.write(true).truncate(true);
+    } else {
+        options.append(true);
+    }
+    options.open(path).map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("trace journal {}: {error}", path.display()),
+        )
+    })
 }
 
 /// A cheap, cloneable handle that appends to a job's log, for output produced away from the

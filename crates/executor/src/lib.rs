@@ -1,29 +1,41 @@
-//! The executor: runs one job's containers on an instance through the Docker Engine API
-//! (bollard) over the connector's SSH tunnel: image present or pulled, a per-build network,
-//! the build volume, the job script in the job image, the trace streamed out, and every
-//! container, volume and network removed afterwards. It knows Docker, not clouds or GitLab.
+//! The executor: runs one job's stages on an instance through the Docker Engine API
+//! (bollard) over the connector's SSH tunnel, in gitlab-runner's docker executor order:
+//! prepare (images, per-build network, services), get_sources, restore_cache,
+//! download_artifacts (in the helper container), step_script and after_script (in the job
+//! image), archive_cache and upload_artifacts (helper), cleanup_file_variables; every
+//! container, the build volume and the network are removed afterwards. It knows Docker, not
+//! clouds or GitLab.
 
+pub mod auth;
 pub mod options;
+pub mod reattach;
 pub mod script;
+pub mod services;
 mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use auth::RegistryCredential;
+/// The Docker API client the executor is built on, for callers that inspect an instance.
+pub use bollard;
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, NetworkCreateRequest,
+    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigCgroupnsModeEnum,
+    NetworkCreateRequest, NetworkingConfig,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, UploadToContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, CreateImageOptions, ImportImageOptions, LogsOptions,
+    RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions, UploadToContainerOptions,
+    WaitContainerOptions,
 };
 use futures_util::StreamExt;
 use podfleet_config::{DockerConfig, PullPolicy};
 use podfleet_connector::{Connection, Tunnel};
 pub use script::Variable;
+pub use services::ServiceSpec;
 use tokio_util::sync::CancellationToken;
 
 /// Where the job's output goes (masked and uploaded by the caller).
@@ -35,92 +47,168 @@ pub struct JobSpec {
     pub job_id: u64,
     pub image: String,
     pub entrypoint: Option<Vec<String>>,
+    /// The build volume is mounted here; `project_dir` is below it.
+    pub builds_dir: String,
     pub project_dir: String,
     pub variables: Vec<Variable>,
     /// before_script + script.
     pub script: Vec<String>,
     pub after_script: Vec<String>,
     pub network_per_build: bool,
+    /// The whole job's timeout.
     pub timeout: Duration,
+    /// The `script` step's own timeout, when the payload sets one.
+    pub script_timeout: Option<Duration>,
+    /// The `after_script` step's timeout (gitlab-runner's default is 5 minutes).
+    pub after_script_timeout: Duration,
     /// The runner's `shell`: `bash` runs the script in bash when the image has it and
     /// falls back to sh (as gitlab-runner's shell detection does); anything else uses sh.
     pub shell: String,
+    /// `features.trace_sections` (or `FF_SCRIPT_SECTIONS`): stage sections in the trace.
+    pub trace_sections: bool,
+    /// `FF_SCRIPT_SECTIONS`: each command of the script in its own section.
+    pub script_sections: bool,
+    /// The job's `image.pull_policy` (empty: the runner's `pull_policy`).
+    pub pull_policy: Vec<String>,
+    /// `image.docker.user` of the job, already checked against `allowed_users`.
+    pub user: Option<String>,
+    pub services: Vec<ServiceSpec>,
+    /// Registry credentials in precedence order (DOCKER_AUTH_CONFIG, then the payload's).
+    pub registry_credentials: Vec<RegistryCredential>,
+    /// Named volume mounted at `/cache` (`None` with `disable_cache`).
+    pub cache_volume: Option<String>,
+    /// The helper stages (sources, caches, artifacts); `None` runs none of them.
+    pub helper: Option<HelperPlan>,
+    /// `FF_ENABLE_JOB_CLEANUP`: cleanup_file_variables also removes the project directory.
+    pub remove_project_dir: bool,
+    /// How long a graceful cancel waits after SIGTERM before SIGKILL.
+    pub stop_grace: Duration,
+}
+
+/// The helper container's part of a job: the image, how to get it onto the instance, the
+/// job file it reads and the command of each stage that has work.
+#[derive(Clone)]
+pub struct HelperPlan {
+    pub image: String,
+    /// A `docker save` archive of `image`, loaded with `POST /images/load` when the instance
+    /// lacks it; `None` pulls `image` (a configured `helper_image`) with the runner's policy.
+    pub archive: Option<fn() -> std::io::Result<Vec<u8>>>,
+    /// The job file (JSON with tokens): uploaded into each helper container, mode 0600.
+    pub job_file: Vec<u8>,
+    /// Where the job file goes in the helper container (absolute).
+    pub job_file_path: String,
+    pub stages: Vec<HelperStage>,
+}
+
+impl std::fmt::Debug for HelperPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HelperPlan")
+            .field("image", &self.image)
+            .field("loadable", &self.archive.is_some())
+            .field("job_file_path", &self.job_file_path)
+            .field("stages", &self.stages)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One helper stage with work to do, and its container command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperStage {
+    pub kind: HelperStageKind,
+    pub argv: Vec<String>,
+}
+
+/// The helper stages, in gitlab-runner's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelperStageKind {
+    GetSources,
+    RestoreCache,
+    DownloadArtifacts,
+    ArchiveCache,
+    ArchiveCacheOnFailure,
+    UploadArtifactsOnSuccess,
+    UploadArtifactsOnFailure,
+}
+
+impl HelperStageKind {
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::GetSources => "get_sources",
+            Self::RestoreCache => "restore_cache",
+            Self::DownloadArtifacts => "download_artifacts",
+            Self::ArchiveCache => "archive_cache",
+            Self::ArchiveCacheOnFailure => "archive_cache_on_failure",
+            Self::UploadArtifactsOnSuccess => "upload_artifacts_on_success",
+            Self::UploadArtifactsOnFailure => "upload_artifacts_on_failure",
+        }
+    }
+
+    fn header(self) -> &'static str {
+        match self {
+            Self::GetSources => "Getting source from Git repository",
+            Self::RestoreCache => "Restoring cache",
+            Self::DownloadArtifacts => "Downloading artifacts",
+            Self::ArchiveCache => "Saving cache for successful job",
+            Self::ArchiveCacheOnFailure => "Saving cache for failed job",
+            Self::UploadArtifactsOnSuccess => "Uploading artifacts for successful job",
+            Self::UploadArtifactsOnFailure => "Uploading artifacts for failed job",
+        }
+    }
+
+    /// Cache stages only warn when they fail, as in gitlab-runner; the others fail the job.
+    fn failure_fails_job(self) -> bool {
+        !matches!(
+            self,
+            Self::RestoreCache | Self::ArchiveCache | Self::ArchiveCacheOnFailure
+        )
+    }
+}
+
+/// How a job is stopped from outside: `graceful` (`Job-Status: canceling`) stops the script
+/// with SIGTERM (SIGKILL after the job's `stop_grace`) and still runs after_script and the
+/// on-failure stages; `hard` (`canceled`, a 403, manager shutdown) kills at once and runs
+/// nothing more. Cleanup runs either way.
+#[derive(Clone, Debug, Default)]
+pub struct Cancellation {
+    pub graceful: CancellationToken,
+    pub hard: CancellationToken,
+}
+
+impl Cancellation {
+    pub fn new() -> Self {
+        Self::default()
+    }
 }
 
 /// How a job ended, as far as the instance is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobOutcome {
     Success,
-    /// The script exited non-zero.
+    /// The script (or a helper stage the job depends on) exited non-zero.
     ScriptFailure {
         exit_code: i64,
     },
-    /// The job image could not be had.
+    /// The job image (or a service image) could not be had, or its pull policy is not
+    /// allowed.
     ImagePullFailure(String),
+    /// A service did not start or did not become ready in time (its logs are in the trace).
+    ServiceFailure(String),
     /// The instance or its engine failed us.
     SystemFailure(String),
     /// Stopped on request.
     Canceled,
-    /// Ran past its timeout.
+    /// Ran past its timeout (the job's or a step's).
     TimedOut,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{shell_command, single_file_tar};
-
-    #[test]
-    fn script_archive_unpacks_with_tar() {
-        let dir = std::env::temp_dir().join(format!("podfleet-tar-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let archive = dir.join("a.tar");
-        let contents = "echo one\n".repeat(100);
-        let tar = single_file_tar("podfleet-build.sh", contents.as_bytes(), 0o700);
-        std::fs::write(&archive, tar).unwrap();
-        let status = std::process::Command::new("tar")
-            .arg("-xf")
-            .arg(&archive)
-            .arg("-C")
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let unpacked = dir.join("podfleet-build.sh");
-        assert_eq!(std::fs::read_to_string(&unpacked).unwrap(), contents);
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&unpacked).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn bash_runs_when_present_and_sh_otherwise() {
-        let dir = std::env::temp_dir().join(format!("podfleet-shell-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script_file = dir.join("script.sh");
-        std::fs::write(&script_file, "echo ${BASH_VERSION:+bash}; echo 'it''s'\n").unwrap();
-        let script = script_file.to_string_lossy().into_owned();
-        let run = |path: &str| {
-            let command = shell_command("bash", &script);
-            let output = std::process::Command::new(&command[0])
-                .args(&command[1..])
-                .env("PATH", path)
-                .output()
-                .unwrap();
-            String::from_utf8(output.stdout).unwrap()
-        };
-        assert!(
-            run("/usr/bin:/bin").contains("bash\n"),
-            "bash not used when present"
-        );
-        let sh_only = std::env::temp_dir().join(format!("podfleet-sh-only-{}", std::process::id()));
-        std::fs::create_dir_all(&sh_only).unwrap();
-        let _ = std::os::unix::fs::symlink("/bin/sh", sh_only.join("sh"));
-        let out = run(&sh_only.to_string_lossy());
-        assert!(!out.contains("bash") && out.contains("its"), "{out}");
-        assert_eq!(shell_command("sh", "/x.sh"), vec!["sh", "/x.sh"]);
+impl JobOutcome {
+    /// `CI_JOB_STATUS` for after_script.
+    fn job_status(&self) -> &'static str {
+        match self {
+            JobOutcome::Success => "success",
+            JobOutcome::Canceled => "canceled",
+            _ => "failed",
+        }
     }
 }
 
@@ -136,10 +224,28 @@ pub struct Executor {
     docker: Docker,
 }
 
+/// What a stage run is stopped by.
+struct Stops<'a> {
+    cancel: &'a Cancellation,
+    /// Whether a graceful cancel stops this stage (not after_script and later ones).
+    graceful: bool,
+    limit: Duration,
+    /// SIGTERM to SIGKILL on a graceful cancel.
+    grace: Duration,
+}
+
 impl Executor {
     /// Opens the Docker API through the connection and checks that the engine answers.
     pub async fn connect(connection: Connection, tunnel: Tunnel) -> Result<Self, ExecutorError> {
         let docker = transport::docker_over_ssh(connection, tunnel)?;
+        docker.ping().await?;
+        Ok(Self { docker })
+    }
+
+    /// An executor over the Docker API on a local unix socket (an instance's engine reached
+    /// without SSH, e.g. the local provider's from the same host).
+    pub async fn connect_unix(socket: &str) -> Result<Self, ExecutorError> {
+        let docker = Docker::connect_with_unix(socket, 600, bollard::API_DEFAULT_VERSION)?;
         docker.ping().await?;
         Ok(Self { docker })
     }
@@ -155,7 +261,7 @@ impl Executor {
         job: &JobSpec,
         config: &DockerConfig,
         trace: TraceSink,
-        cancel: CancellationToken,
+        cancel: Cancellation,
     ) -> JobOutcome {
         let resources = JobResources::new(job);
         let outcome = self
@@ -171,22 +277,191 @@ impl Executor {
         config: &DockerConfig,
         resources: &JobResources,
         trace: &TraceSink,
-        cancel: &CancellationToken,
+        cancel: &Cancellation,
     ) -> JobOutcome {
-        say(
-            trace,
+        let deadline = tokio::time::Instant::now() + job.timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let sections = Sections {
+            trace: trace.clone(),
+            enabled: job.trace_sections,
+        };
+        // prepare_executor: images, network, services. A stalled registry or service must not
+        // outlive a cancel or the job's timeout.
+        sections.start(
+            "prepare_executor",
             &format!("Using Docker executor with image {} ...", job.image),
         );
-        // A stalled registry must not outlive a cancel or the job's timeout.
-        let pulled = tokio::select! {
-            pulled = self.ensure_image(&job.image, config, trace) => pulled,
-            _ = cancel.cancelled() => return JobOutcome::Canceled,
-            _ = tokio::time::sleep(job.timeout) => return JobOutcome::TimedOut,
+        let prepared = tokio::select! {
+            prepared = self.prepare(job, config, resources, trace) => prepared,
+            _ = cancel.hard.cancelled() => Err(JobOutcome::Canceled),
+            _ = cancel.graceful.cancelled() => Err(JobOutcome::Canceled),
+            _ = tokio::time::sleep_until(deadline) => Err(JobOutcome::TimedOut),
         };
-        if let Err(reason) = pulled {
-            return JobOutcome::ImagePullFailure(reason);
+        sections.end("prepare_executor");
+        if let Err(outcome) = prepared {
+            match &outcome {
+                JobOutcome::TimedOut => say_error(trace, &timeout_message(job.timeout)),
+                JobOutcome::Canceled => say_error(trace, "job canceled"),
+                _ => {}
+            }
+            return outcome;
         }
-        if job.network_per_build {
+        let stops = |graceful: bool, limit: Duration| Stops {
+            cancel,
+            graceful,
+            limit,
+            grace: job.stop_grace,
+        };
+        let mut outcome = JobOutcome::Success;
+        for kind in [
+            HelperStageKind::GetSources,
+            HelperStageKind::RestoreCache,
+            HelperStageKind::DownloadArtifacts,
+        ] {
+            let stage = self
+                .helper_stage(
+                    job,
+                    config,
+                    resources,
+                    kind,
+                    trace,
+                    &sections,
+                    &stops(true, left()),
+                )
+                .await;
+            if let Some(failed) = stage {
+                outcome = failed;
+                break;
+            }
+        }
+        if outcome == JobOutcome::Success {
+            sections.start(
+                "step_script",
+                "Executing \"step_script\" stage of the job script",
+            );
+            // The message names the timeout that binds: the step's, or the job's.
+            let (limit, named) = match job.script_timeout {
+                Some(step) if step < left() => (step, step),
+                _ => (left(), job.timeout),
+            };
+            let main = stage_script(job, &job.script, None);
+            outcome = self
+                .user_stage(
+                    job,
+                    config,
+                    resources,
+                    "build",
+                    main,
+                    trace,
+                    &stops(true, limit),
+                )
+                .await;
+            if outcome == JobOutcome::TimedOut {
+                say_error(trace, &timeout_message(named));
+            }
+            sections.end("step_script");
+        }
+        let hard = cancel.hard.is_cancelled();
+        if !job.after_script.is_empty() && !hard && !matches!(outcome, JobOutcome::SystemFailure(_))
+        {
+            sections.start("after_script", "Running after_script");
+            let after = stage_script(job, &job.after_script, Some(outcome.job_status()));
+            let limit = job.after_script_timeout;
+            match self
+                .user_stage(
+                    job,
+                    config,
+                    resources,
+                    "after-script",
+                    after,
+                    trace,
+                    &stops(false, limit),
+                )
+                .await
+            {
+                JobOutcome::Success => {}
+                JobOutcome::TimedOut => say_warning(
+                    trace,
+                    &format!("after_script timed out after {}", human(limit)),
+                ),
+                other => say_warning(trace, &format!("after_script failed: {other:?}")),
+            }
+            sections.end("after_script");
+        }
+        let succeeded = outcome == JobOutcome::Success;
+        if !cancel.hard.is_cancelled() && !matches!(outcome, JobOutcome::SystemFailure(_)) {
+            let (cache, upload) = if succeeded {
+                (
+                    HelperStageKind::ArchiveCache,
+                    HelperStageKind::UploadArtifactsOnSuccess,
+                )
+            } else {
+                (
+                    HelperStageKind::ArchiveCacheOnFailure,
+                    HelperStageKind::UploadArtifactsOnFailure,
+                )
+            };
+            for kind in [cache, upload] {
+                // These run past a graceful cancel and the job's timeout, like after_script.
+                let limit = left().max(job.after_script_timeout);
+                let stage = self
+                    .helper_stage(
+                        job,
+                        config,
+                        resources,
+                        kind,
+                        trace,
+                        &sections,
+                        &stops(false, limit),
+                    )
+                    .await;
+                if let Some(failed) = stage
+                    && succeeded
+                {
+                    outcome = failed;
+                }
+            }
+        }
+        if job.variables.iter().any(|v| v.file) && !cancel.hard.is_cancelled() {
+            sections.start(
+                "cleanup_file_variables",
+                "Cleaning up project directory and file based variables",
+            );
+            let cleanup =
+                script::cleanup_script(&job.project_dir, &job.variables, job.remove_project_dir);
+            let result = self
+                .user_stage(
+                    job,
+                    config,
+                    resources,
+                    "cleanup",
+                    cleanup,
+                    trace,
+                    &stops(false, Duration::from_secs(60)),
+                )
+                .await;
+            if result != JobOutcome::Success {
+                say_warning(trace, &format!("cleanup_file_variables failed: {result:?}"));
+            }
+            sections.end("cleanup_file_variables");
+        }
+        outcome
+    }
+
+    /// Images, network and services: everything before the first stage.
+    async fn prepare(
+        &self,
+        job: &JobSpec,
+        config: &DockerConfig,
+        resources: &JobResources,
+        trace: &TraceSink,
+    ) -> Result<(), JobOutcome> {
+        let policies =
+            pull_policies(&job.pull_policy, config).map_err(JobOutcome::ImagePullFailure)?;
+        self.ensure_image(&job.image, &policies, &job.registry_credentials, trace)
+            .await
+            .map_err(JobOutcome::ImagePullFailure)?;
+        if resources.uses_network {
             let request = NetworkCreateRequest {
                 name: resources.network.clone(),
                 driver: Some("bridge".into()),
@@ -198,66 +473,356 @@ impl Executor {
                 // The name is unique to this job: if it exists, a retried request made it.
                 Err(e) if e.to_string().contains("already") => {}
                 Err(e) => {
-                    return JobOutcome::SystemFailure(format!(
+                    return Err(JobOutcome::SystemFailure(format!(
                         "create network {}: {e}",
                         resources.network
-                    ));
+                    )));
                 }
             }
             resources
                 .network_created
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        let main = stage_script(job, &job.script, None);
-        let outcome = tokio::select! {
-            outcome = self.run_container(job, config, resources, "build", main, trace) => outcome,
-            _ = cancel.cancelled() => JobOutcome::Canceled,
-            _ = tokio::time::sleep(job.timeout) => JobOutcome::TimedOut,
-        };
-        if matches!(outcome, JobOutcome::Canceled | JobOutcome::TimedOut) {
-            // The build container is killed by the removal below; say why in the trace.
-            let why = if outcome == JobOutcome::TimedOut {
-                format!(
-                    "execution took longer than {} seconds",
-                    job.timeout.as_secs()
-                )
-            } else {
-                "job canceled".to_string()
+        self.start_services(job, config, resources, trace).await
+    }
+
+    /// Starts every service on the job's network, then waits for their TCP ports.
+    async fn start_services(
+        &self,
+        job: &JobSpec,
+        config: &DockerConfig,
+        resources: &JobResources,
+        trace: &TraceSink,
+    ) -> Result<(), JobOutcome> {
+        let mut targets = Vec::new();
+        let mut started = Vec::new();
+        for (index, service) in job.services.iter().enumerate() {
+            let aliases = service.all_aliases();
+            say(
+                trace,
+                &format!(
+                    "Starting service {} with aliases {} ...",
+                    service.image,
+                    aliases.join(", ")
+                ),
+            );
+            let policies = pull_policies(&service.pull_policy, config)
+                .map_err(JobOutcome::ImagePullFailure)?;
+            self.ensure_image(&service.image, &policies, &job.registry_credentials, trace)
+                .await
+                .map_err(JobOutcome::ImagePullFailure)?;
+            let mut ports: Vec<u16> = service.ports.clone();
+            if let Ok(image) = self.docker.inspect_image(&service.image).await {
+                ports.extend(
+                    image
+                        .config
+                        .and_then(|c| c.exposed_ports)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|p| services::tcp_port(p)),
+                );
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            let name = resources.container(&format!("service-{index}"));
+            let body = service_body(service, config, resources, &aliases);
+            resources.record(&name);
+            let options = CreateContainerOptions {
+                name: Some(name.clone()),
+                ..Default::default()
             };
-            say_error(trace, &why);
-            let _ = self
-                .docker
-                .kill_container(&resources.container("build"), None)
-                .await;
+            if let Err(e) = self.docker.create_container(Some(options), body).await {
+                return Err(match classify_create_error(&service.image, e) {
+                    JobOutcome::SystemFailure(reason) => {
+                        JobOutcome::ServiceFailure(format!("service {}: {reason}", service.image))
+                    }
+                    other => other,
+                });
+            }
+            if let Err(e) = self.docker.start_container(&name, None).await {
+                self.service_logs(&name, &service.image, trace).await;
+                return Err(JobOutcome::ServiceFailure(format!(
+                    "service {} did not start: {e}",
+                    service.image
+                )));
+            }
+            let host = aliases.first().cloned().unwrap_or_else(|| name.clone());
+            targets.extend(ports.iter().map(|port| (host.clone(), *port)));
+            started.push((name, service.image.clone()));
         }
-        if !job.after_script.is_empty() && !matches!(outcome, JobOutcome::ImagePullFailure(_)) {
-            let status = match &outcome {
-                JobOutcome::Success => "success",
-                JobOutcome::Canceled => "canceled",
-                _ => "failed",
-            };
-            say(trace, "Running after_script");
-            let after = stage_script(job, &job.after_script, Some(status));
-            let after_run =
-                self.run_container(job, config, resources, "after-script", after, trace);
-            match tokio::time::timeout(Duration::from_secs(300), after_run).await {
-                Ok(JobOutcome::Success) => {}
-                Ok(other) => say_warning(trace, &format!("after_script failed: {other:?}")),
-                Err(_) => say_warning(trace, "after_script timed out after 5m0s"),
+        if targets.is_empty() || config.wait_for_services_timeout < 0 {
+            return Ok(());
+        }
+        let timeout = config.wait_for_services_timeout as u64;
+        say(
+            trace,
+            &format!("Waiting for services to be up and running (timeout {timeout} seconds)..."),
+        );
+        let probe = services::probe_script(&targets, timeout);
+        let collected = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink: TraceSink = {
+            let collected = collected.clone();
+            Arc::new(move |bytes: &[u8]| {
+                if let Ok(mut c) = collected.lock() {
+                    c.extend_from_slice(bytes);
+                }
+            })
+        };
+        let never = Cancellation::new();
+        let stops = Stops {
+            cancel: &never,
+            graceful: false,
+            limit: Duration::from_secs(timeout + 30),
+            grace: Duration::ZERO,
+        };
+        let result = self
+            .user_stage(
+                job,
+                config,
+                resources,
+                "wait-for-services",
+                probe,
+                &sink,
+                &stops,
+            )
+            .await;
+        let probe_output =
+            String::from_utf8_lossy(&collected.lock().map(|c| c.clone()).unwrap_or_default())
+                .trim()
+                .to_string();
+        match result {
+            JobOutcome::Success => Ok(()),
+            JobOutcome::ScriptFailure { exit_code: 4 } => {
+                say_warning(
+                    trace,
+                    &format!(
+                        "services were not waited for: {probe_output}; install nc or bash in the job image"
+                    ),
+                );
+                Ok(())
+            }
+            other => {
+                for (name, image) in &started {
+                    self.service_logs(name, image, trace).await;
+                }
+                let why = match other {
+                    JobOutcome::ScriptFailure { .. } | JobOutcome::TimedOut => format!(
+                        "services did not become ready within wait_for_services_timeout ({timeout}s): {probe_output}"
+                    ),
+                    other => format!("waiting for services failed: {other:?}"),
+                };
+                say_error(trace, &why);
+                Err(JobOutcome::ServiceFailure(why))
             }
         }
-        outcome
+    }
+
+    /// Writes a service's logs into the trace, as gitlab-runner does for unhealthy services.
+    async fn service_logs(&self, name: &str, image: &str, trace: &TraceSink) {
+        say_warning(
+            trace,
+            &format!("Service {image} probably didn't start properly. Its logs:"),
+        );
+        let options = LogsOptions {
+            follow: false,
+            stdout: true,
+            stderr: true,
+            tail: "200".into(),
+            ..Default::default()
+        };
+        let mut stream = self.docker.logs(name, Some(options));
+        let read = async {
+            while let Some(Ok(item)) = stream.next().await {
+                if let LogOutput::StdOut { message }
+                | LogOutput::StdErr { message }
+                | LogOutput::Console { message } = item
+                {
+                    trace(&message);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+        trace(b"\n");
+    }
+
+    /// One helper stage, if the plan has work for it. `Some(outcome)` when it fails the job.
+    #[allow(clippy::too_many_arguments)]
+    async fn helper_stage(
+        &self,
+        job: &JobSpec,
+        config: &DockerConfig,
+        resources: &JobResources,
+        kind: HelperStageKind,
+        trace: &TraceSink,
+        sections: &Sections,
+        stops: &Stops<'_>,
+    ) -> Option<JobOutcome> {
+        let plan = job.helper.as_ref()?;
+        let stage = plan.stages.iter().find(|s| s.kind == kind)?;
+        sections.start(kind.section(), kind.header());
+        let outcome = self
+            .run_helper(job, config, resources, plan, stage, trace, stops)
+            .await;
+        sections.end(kind.section());
+        match outcome {
+            JobOutcome::Success => None,
+            JobOutcome::ScriptFailure { exit_code } if !kind.failure_fails_job() => {
+                say_warning(
+                    trace,
+                    &format!("{} failed with exit code {exit_code}", kind.section()),
+                );
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_helper(
+        &self,
+        job: &JobSpec,
+        config: &DockerConfig,
+        resources: &JobResources,
+        plan: &HelperPlan,
+        stage: &HelperStage,
+        trace: &TraceSink,
+        stops: &Stops<'_>,
+    ) -> JobOutcome {
+        if let Err(reason) = self.ensure_helper_image(plan, config, trace).await {
+            return JobOutcome::SystemFailure(reason);
+        }
+        let role = stage.kind.section().replace('_', "-");
+        let name = resources.container(&role);
+        let body = ContainerCreateBody {
+            image: Some(plan.image.clone()),
+            cmd: Some(stage.argv.clone()),
+            labels: Some(resources.labels()),
+            working_dir: Some(job.builds_dir.clone()),
+            host_config: Some(HostConfig {
+                binds: Some(resources.binds(job)),
+                // The helper talks to the coordinator, git and cache servers the instance
+                // reaches.
+                network_mode: Some("host".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let job_file = (
+            plan.job_file_path.trim_start_matches('/'),
+            &plan.job_file[..],
+            0o600,
+        );
+        resources.record(&name);
+        self.container_stage(&name, body, job_file, trace, stops)
+            .await
+    }
+
+    async fn ensure_helper_image(
+        &self,
+        plan: &HelperPlan,
+        config: &DockerConfig,
+        trace: &TraceSink,
+    ) -> Result<(), String> {
+        let Some(archive) = plan.archive else {
+            let policies = pull_policies(&[], config)?;
+            return self.ensure_image(&plan.image, &policies, &[], trace).await;
+        };
+        if self.docker.inspect_image(&plan.image).await.is_ok() {
+            return Ok(());
+        }
+        say(trace, &format!("Loading helper image {} ...", plan.image));
+        let bytes = archive()
+            .map_err(|e| format!("podfleet's helper image archive could not be built: {e}"))?;
+        let mut stream = self.docker.import_image(
+            ImportImageOptions::default(),
+            bollard::body_full(bytes.into()),
+            None,
+        );
+        while let Some(progress) = stream.next().await {
+            progress.map_err(|e| format!("load helper image {}: {e}", plan.image))?;
+        }
+        self.docker
+            .inspect_image(&plan.image)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("helper image {} missing after loading it: {e}", plan.image))
+    }
+
+    /// A script stage in the job image (step_script, after_script, cleanup, service probe).
+    #[allow(clippy::too_many_arguments)]
+    async fn user_stage(
+        &self,
+        job: &JobSpec,
+        config: &DockerConfig,
+        resources: &JobResources,
+        role: &str,
+        script: String,
+        trace: &TraceSink,
+        stops: &Stops<'_>,
+    ) -> JobOutcome {
+        let name = resources.container(role);
+        let script_path = format!("/podfleet-{role}.sh");
+        let body = container_body(job, config, resources, &script_path);
+        // The script (with every variable value) goes in as a file, never on a command
+        // line where other users of the host could read it in /proc, and with no size cap.
+        let file = (&script_path[1..], script.as_bytes(), 0o700);
+        resources.record(&name);
+        self.container_stage(&name, body, file, trace, stops).await
+    }
+
+    /// Creates the container, uploads its file, starts it and follows it to its exit, a stop
+    /// or its time limit.
+    async fn container_stage(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+        file: (&str, &[u8], u32),
+        trace: &TraceSink,
+        stops: &Stops<'_>,
+    ) -> JobOutcome {
+        let image = body.image.clone().unwrap_or_default();
+        let run = self.follow_container(name, &image, body, file, trace);
+        tokio::pin!(run);
+        let graceful = async {
+            if stops.graceful {
+                stops.cancel.graceful.cancelled().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            outcome = &mut run => outcome,
+            _ = tokio::time::sleep(stops.limit) => {
+                let _ = self.docker.kill_container(name, None).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut run).await;
+                JobOutcome::TimedOut
+            }
+            _ = stops.cancel.hard.cancelled() => {
+                let _ = self.docker.kill_container(name, None).await;
+                JobOutcome::Canceled
+            }
+            _ = graceful => {
+                say_error(trace, "job canceled: stopping the script (SIGTERM, then SIGKILL)");
+                let grace = i32::try_from(stops.grace.as_secs()).unwrap_or(i32::MAX);
+                let stop = StopContainerOptions { t: Some(grace), ..Default::default() };
+                let _ = self.docker.stop_container(name, Some(stop)).await;
+                // The script's last output still reaches the trace.
+                let _ = tokio::time::timeout(Duration::from_secs(10), &mut run).await;
+                JobOutcome::Canceled
+            }
+        }
     }
 
     async fn ensure_image(
         &self,
         image: &str,
-        config: &DockerConfig,
+        policies: &[PullPolicy],
+        credentials: &[RegistryCredential],
         trace: &TraceSink,
     ) -> Result<(), String> {
         let present = self.docker.inspect_image(image).await.is_ok();
         let mut last_error = String::new();
-        for policy in config.effective_pull_policies() {
+        for policy in policies {
             match policy {
                 PullPolicy::Never if present => return Ok(()),
                 PullPolicy::Never => {
@@ -270,10 +835,19 @@ impl Executor {
                     return Ok(());
                 }
                 PullPolicy::IfNotPresent | PullPolicy::Always => {
-                    say(trace, &format!("Pulling docker image {image} ..."));
-                    match self.pull(image).await {
+                    let credential = auth::credential_for(credentials, image);
+                    let with = credential
+                        .map(|c| {
+                            format!(" with credentials for {} (user {})", c.registry, c.username)
+                        })
+                        .unwrap_or_default();
+                    say(trace, &format!("Pulling docker image {image}{with} ..."));
+                    match self.pull(image, credential).await {
                         Ok(()) => return Ok(()),
-                        Err(e) => last_error = format!("failed to pull image {image}: {e}"),
+                        Err(e) => {
+                            last_error =
+                                format!("failed to pull image {image}: {}", pull_message(&e));
+                        }
                     }
                 }
             }
@@ -281,19 +855,26 @@ impl Executor {
         Err(last_error)
     }
 
-    async fn pull(&self, image: &str) -> Result<(), bollard::errors::Error> {
+    async fn pull(
+        &self,
+        image: &str,
+        credential: Option<&RegistryCredential>,
+    ) -> Result<(), bollard::errors::Error> {
         let options = CreateImageOptions {
             from_image: Some(image.to_string()),
             ..Default::default()
         };
-        let mut stream = self.docker.create_image(Some(options), None, None);
+        let credentials = credential.map(RegistryCredential::docker);
+        let mut stream = self.docker.create_image(Some(options), None, credentials);
         while let Some(progress) = stream.next().await {
             progress?;
         }
         Ok(())
     }
 
-    async fn run_container(
+    /// A script in the job image, stopped by nothing but its exit (within after_script's
+    /// 5 minutes at most): for a job resumed after a manager restart.
+    pub(crate) async fn run_container(
         &self,
         job: &JobSpec,
         config: &DockerConfig,
@@ -302,37 +883,46 @@ impl Executor {
         script: String,
         trace: &TraceSink,
     ) -> JobOutcome {
-        let name = resources.container(role);
-        let script_path = format!("/podfleet-{role}.sh");
-        let body = container_body(job, config, resources, &script_path);
+        let never = Cancellation::new();
+        let stops = Stops {
+            cancel: &never,
+            graceful: false,
+            limit: job.after_script_timeout,
+            grace: Duration::ZERO,
+        };
+        self.user_stage(job, config, resources, role, script, trace, &stops)
+            .await
+    }
+
+    async fn follow_container(
+        &self,
+        name: &str,
+        image: &str,
+        body: ContainerCreateBody,
+        file: (&str, &[u8], u32),
+        trace: &TraceSink,
+    ) -> JobOutcome {
         let options = CreateContainerOptions {
-            name: Some(name.clone()),
+            name: Some(name.to_string()),
             ..Default::default()
         };
-        // Recorded before creation, so a cancel that lands mid-create still removes it.
-        resources
-            .containers
-            .lock()
-            .map(|mut c| c.push(name.clone()))
-            .ok();
         if let Err(e) = self.docker.create_container(Some(options), body).await {
-            return classify_create_error(&job.image, e);
+            return classify_create_error(image, e);
         }
-        // The script (with every variable value) goes in as a file, never on a command
-        // line where other users of the host could read it in /proc, and with no size cap.
-        let archive = single_file_tar(&script_path[1..], script.as_bytes(), 0o700);
+        let (path, contents, mode) = file;
+        let archive = single_file_tar(path, contents, mode);
         let upload = UploadToContainerOptions {
             path: "/".into(),
             ..Default::default()
         };
         if let Err(e) = self
             .docker
-            .upload_to_container(&name, Some(upload), bollard::body_full(archive.into()))
+            .upload_to_container(name, Some(upload), bollard::body_full(archive.into()))
             .await
         {
-            return JobOutcome::SystemFailure(format!("copy the job script into {name}: {e}"));
+            return JobOutcome::SystemFailure(format!("copy the stage's file into {name}: {e}"));
         }
-        if let Err(e) = self.docker.start_container(&name, None).await {
+        if let Err(e) = self.docker.start_container(name, None).await {
             return JobOutcome::SystemFailure(format!("start container {name}: {e}"));
         }
         let logs = LogsOptions {
@@ -341,10 +931,10 @@ impl Executor {
             stderr: true,
             ..Default::default()
         };
-        let mut stream = self.docker.logs(&name, Some(logs));
+        let mut stream = self.docker.logs(name, Some(logs));
         let mut wait = self
             .docker
-            .wait_container(&name, None::<WaitContainerOptions>);
+            .wait_container(name, None::<WaitContainerOptions>);
         // The end of the job is the container's exit, not the end of the log stream:
         // Podman's follow stream can stay open after a fast exit, so once the container
         // has exited the log is drained for a short grace period only.
@@ -426,16 +1016,61 @@ fn classify_create_error(image: &str, error: bollard::errors::Error) -> JobOutco
     }
 }
 
+/// The registry's own message from a failed pull (bollard wraps it in its error type).
+fn pull_message(error: &bollard::errors::Error) -> String {
+    match error {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        bollard::errors::Error::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The pull policies of an image: the job's (each one must be allowed by
+/// `allowed_pull_policies`, or the runner's `pull_policy` when that is unset), else the
+/// runner's.
+pub fn pull_policies(job: &[String], config: &DockerConfig) -> Result<Vec<PullPolicy>, String> {
+    if job.is_empty() {
+        return Ok(config.effective_pull_policies());
+    }
+    let allowed = config.effective_allowed_pull_policies();
+    let names = |policies: &[PullPolicy]| {
+        policies
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut policies = Vec::new();
+    for text in job {
+        let policy: PullPolicy = text.parse().map_err(|_| {
+            format!("pull_policy {text:?} of the job is not one of always, if-not-present, never")
+        })?;
+        policies.push(policy);
+    }
+    if policies.iter().any(|p| !allowed.contains(p)) {
+        return Err(format!(
+            "pull_policy ([{}]) defined in the job is not one of the allowed_pull_policies ([{}]) of this runner",
+            job.join(" "),
+            names(&allowed)
+        ));
+    }
+    Ok(policies)
+}
+
 fn stage_script(job: &JobSpec, commands: &[String], job_status: Option<&str>) -> String {
     let mut variables = job.variables.clone();
     if let Some(status) = job_status {
+        variables.retain(|v| v.key != "CI_JOB_STATUS");
         variables.push(Variable {
             key: "CI_JOB_STATUS".into(),
             value: status.into(),
             file: false,
         });
     }
-    script::stage_script(&job.project_dir, &variables, commands)
+    let options = script::ScriptOptions {
+        command_sections: job.script_sections,
+    };
+    script::stage_script(&job.project_dir, &variables, commands, options)
 }
 
 fn container_body(
@@ -444,7 +1079,7 @@ fn container_body(
     resources: &JobResources,
     script_path: &str,
 ) -> ContainerCreateBody {
-    let mut binds = vec![format!("{}:/builds", resources.volume)];
+    let mut binds = resources.binds(job);
     let mut anonymous = Vec::new();
     for volume in &config.volumes {
         if volume.contains(':') {
@@ -453,7 +1088,7 @@ fn container_body(
             anonymous.push(volume.clone());
         }
     }
-    let network_mode = if job.network_per_build {
+    let network_mode = if resources.uses_network {
         Some(resources.network.clone())
     } else {
         config.network_mode.clone()
@@ -486,10 +1121,58 @@ fn container_body(
         entrypoint,
         cmd: Some(shell_command(&job.shell, script_path)),
         working_dir: None,
-        user: config.user.clone(),
+        // The job's `image.docker.user` (checked against allowed_users) wins over the
+        // runner's `user`, as in gitlab-runner.
+        user: job.user.clone().or_else(|| config.user.clone()),
         labels: Some(resources.labels()),
         volumes: (!anonymous.is_empty()).then_some(anonymous),
         host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+/// A service container: on the job's network under its aliases, privileged only where
+/// `services_privileged` (or `privileged` when unset) allows.
+fn service_body(
+    service: &ServiceSpec,
+    config: &DockerConfig,
+    resources: &JobResources,
+    aliases: &[String],
+) -> ContainerCreateBody {
+    let privileged = config.services_privileged.unwrap_or(config.privileged);
+    let env: Vec<String> = service
+        .variables
+        .iter()
+        .filter(|v| !v.key.is_empty() && !v.key.contains('='))
+        .map(|v| format!("{}={}", v.key, v.value))
+        .collect();
+    let endpoint = EndpointSettings {
+        aliases: Some(aliases.to_vec()),
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(service.image.clone()),
+        entrypoint: service.entrypoint.clone().filter(|e| !e.is_empty()),
+        cmd: service.command.clone().filter(|c| !c.is_empty()),
+        env: Some(env),
+        labels: Some(resources.labels()),
+        host_config: Some(HostConfig {
+            privileged: Some(privileged),
+            cgroupns_mode: privileged.then_some(HostConfigCgroupnsModeEnum::PRIVATE),
+            network_mode: Some(resources.network.clone()),
+            security_opt: non_empty(&config.services_security_opt),
+            tmpfs: (!config.services_tmpfs.is_empty())
+                .then(|| config.services_tmpfs.clone().into_iter().collect()),
+            memory: config
+                .service_memory
+                .as_deref()
+                .and_then(options::memory_bytes),
+            nano_cpus: config.service_cpus.as_deref().and_then(options::nano_cpus),
+            ..Default::default()
+        }),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(resources.network.clone(), endpoint)])),
+        }),
         ..Default::default()
     }
 }
@@ -549,6 +1232,9 @@ struct JobResources {
     network: String,
     volume: String,
     job_id: u64,
+    /// A per-build network: with `FF_NETWORK_PER_BUILD`, and always when the job has
+    /// services (Podman has no container links).
+    uses_network: bool,
     containers: std::sync::Mutex<Vec<String>>,
     network_created: std::sync::atomic::AtomicBool,
 }
@@ -561,6 +1247,7 @@ impl JobResources {
             volume: format!("{prefix}-builds"),
             prefix,
             job_id: job.job_id,
+            uses_network: job.network_per_build || !job.services.is_empty(),
             containers: Default::default(),
             network_created: Default::default(),
         }
@@ -568,6 +1255,24 @@ impl JobResources {
 
     fn container(&self, role: &str) -> String {
         format!("{}-{role}", self.prefix)
+    }
+
+    /// Recorded before creation, so a cancel that lands mid-create still removes it.
+    fn record(&self, name: &str) {
+        if let Ok(mut containers) = self.containers.lock()
+            && !containers.iter().any(|c| c == name)
+        {
+            containers.push(name.to_string());
+        }
+    }
+
+    /// The build volume at the builds dir, and the runner's cache volume at `/cache`.
+    fn binds(&self, job: &JobSpec) -> Vec<String> {
+        let mut binds = vec![format!("{}:{}", self.volume, job.builds_dir)];
+        if let Some(cache) = &job.cache_volume {
+            binds.push(format!("{cache}:/cache"));
+        }
+        binds
     }
 
     fn labels(&self) -> HashMap<String, String> {
@@ -592,7 +1297,9 @@ impl JobResources {
                 v: true,
                 ..Default::default()
             };
-            if let Err(e) = docker.remove_container(&name, Some(options)).await {
+            if let Err(e) = docker.remove_container(&name, Some(options)).await
+                && !e.to_string().contains("no such container")
+            {
                 tracing::warn!(container = %name, error = %e, "removing job container failed");
             }
         }
@@ -609,6 +1316,48 @@ impl JobResources {
     }
 }
 
+/// Stage sections in the trace (`features.trace_sections`); only the cyan header otherwise.
+struct Sections {
+    trace: TraceSink,
+    enabled: bool,
+}
+
+impl Sections {
+    fn start(&self, name: &str, header: &str) {
+        if self.enabled {
+            (self.trace)(format!("section_start:{}:{name}\r\x1b[0K", unix_now()).as_bytes());
+        }
+        say(&self.trace, header);
+    }
+
+    fn end(&self, name: &str) {
+        if self.enabled {
+            (self.trace)(format!("section_end:{}:{name}\r\x1b[0K", unix_now()).as_bytes());
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn timeout_message(limit: Duration) -> String {
+    format!("execution took longer than {} seconds", limit.as_secs())
+}
+
+/// `5m0s`, `1h0m0s`, `30s`, as Go prints durations.
+fn human(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match (secs / 3600, secs % 3600 / 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, m, s) => format!("{h}h{m}m{s}s"),
+    }
+}
+
 fn say(trace: &TraceSink, line: &str) {
     trace(format!("\x1b[0K\x1b[36;1m{line}\x1b[0;m\n").as_bytes());
 }
@@ -619,4 +1368,97 @@ fn say_warning(trace: &TraceSink, line: &str) {
 
 fn say_error(trace: &TraceSink, line: &str) {
     trace(format!("\x1b[31;1mERROR: {line}\x1b[0;m\n").as_bytes());
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_pull_policies_must_be_allowed() {
+        let mut config = DockerConfig {
+            pull_policy: vec![PullPolicy::IfNotPresent],
+            ..Default::default()
+        };
+        assert_eq!(
+            pull_policies(&[], &config).unwrap(),
+            vec![PullPolicy::IfNotPresent]
+        );
+        assert_eq!(
+            pull_policies(&["if-not-present".into()], &config).unwrap(),
+            vec![PullPolicy::IfNotPresent]
+        );
+        let error = pull_policies(&["always".into()], &config).unwrap_err();
+        assert!(
+            error.contains("pull_policy ([always])")
+                && error.contains("allowed_pull_policies ([if-not-present])"),
+            "{error}"
+        );
+        config.allowed_pull_policies = vec![PullPolicy::Always, PullPolicy::Never];
+        assert_eq!(
+            pull_policies(&["never".into(), "always".into()], &config).unwrap(),
+            vec![PullPolicy::Never, PullPolicy::Always]
+        );
+        assert!(pull_policies(&["sometimes".into()], &config).is_err());
+    }
+
+    #[test]
+    fn durations_as_go_prints_them() {
+        assert_eq!(human(Duration::from_secs(300)), "5m0s");
+        assert_eq!(human(Duration::from_secs(3600)), "1h0m0s");
+        assert_eq!(human(Duration::from_secs(42)), "42s");
+    }
+
+    #[test]
+    fn script_archive_unpacks_with_tar() {
+        let dir = std::env::temp_dir().join(format!("podfleet-tar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let archive = dir.join("a.tar");
+        let contents = "echo one\n".repeat(100);
+        let tar = single_file_tar("podfleet-build.sh", contents.as_bytes(), 0o700);
+        std::fs::write(&archive, tar).unwrap();
+        let status = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let unpacked = dir.join("podfleet-build.sh");
+        assert_eq!(std::fs::read_to_string(&unpacked).unwrap(), contents);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&unpacked).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bash_runs_when_present_and_sh_otherwise() {
+        let dir = std::env::temp_dir().join(format!("podfleet-shell-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script_file = dir.join("script.sh");
+        std::fs::write(&script_file, "echo ${BASH_VERSION:+bash}; echo 'it''s'\n").unwrap();
+        let script = script_file.to_string_lossy().into_owned();
+        let run = |path: &str| {
+            let command = shell_command("bash", &script);
+            let output = std::process::Command::new(&command[0])
+                .args(&command[1..])
+                .env("PATH", path)
+                .output()
+                .unwrap();
+            String::from_utf8(output.stdout).unwrap()
+        };
+        assert!(
+            run("/usr/bin:/bin").contains("bash\n"),
+            "bash not used when present"
+        );
+        let sh_only = std::env::temp_dir().join(format!("podfleet-sh-only-{}", std::process::id()));
+        std::fs::create_dir_all(&sh_only).unwrap();
+        let _ = std::os::unix::fs::symlink("/bin/sh", sh_only.join("sh"));
+        let out = run(&sh_only.to_string_lossy());
+        assert!(!out.contains("bash") && out.contains("its"), "{out}");
+        assert_eq!(shell_command("sh", "/x.sh"), vec!["sh", "/x.sh"]);
+    }
 }

@@ -1,23 +1,28 @@
 //! The embedded coordinator: serves GitLab's runner API on 127.0.0.1 for one local pipeline,
 //! so the manager runs `podfleet pipeline` jobs over exactly the HTTP path it uses with GitLab.
 //!
-//! [`pipeline`] parses the `.gitlab-ci.yml` subset; [`LocalCoordinator::start`] serves it and
-//! returns a [`Handle`] to watch events, cancel, and wait for the [`PipelineReport`]. The wire
-//! payloads come from `podfleet_coordinator::model`; this crate never defines GitLab JSON.
+//! [`pipeline`] parses `.gitlab-ci.yml` against a [`project::Project`];
+//! [`LocalCoordinator::start`] serves it (runner API, artifacts, and the working tree's
+//! snapshot as a git repository, see `sources.rs`) and returns a [`Handle`] to watch events,
+//! cancel, and wait for the [`PipelineReport`]. The wire payloads come from
+//! `podfleet_coordinator::model`; this crate never defines GitLab JSON.
 
 mod http;
 pub mod pipeline;
+pub mod project;
 mod report;
+mod sources;
 mod state;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot, watch};
 
-pub use pipeline::{Pipeline, PipelineError, parse_pipeline};
+pub use pipeline::{Pipeline, PipelineError, load_pipeline, parse_pipeline, parse_pipeline_with};
+pub use project::Project;
 pub use report::{JobReport, JobStatus, PipelineEvent, PipelineReport, PipelineStatus};
 
 use http::SharedState;
@@ -52,8 +57,13 @@ impl fmt::Debug for RunnerRegistration {
 pub struct LocalCoordinatorOptions {
     /// The repository the pipeline belongs to: names the project and gives the commit.
     pub project_dir: PathBuf,
-    /// `runner_info.timeout` of every job.
+    /// `runner_info.timeout` of every job (a job's `timeout:` can only lower it).
     pub job_timeout: Duration,
+    /// Run `when: manual` jobs instead of leaving them in the `manual` state.
+    pub run_manual: bool,
+    /// Where artifacts and the source snapshot are kept; a temporary directory, removed
+    /// with the handle, when `None`.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl LocalCoordinatorOptions {
@@ -62,6 +72,8 @@ impl LocalCoordinatorOptions {
         LocalCoordinatorOptions {
             project_dir: project_dir.into(),
             job_timeout: Duration::from_secs(60 * 60),
+            run_manual: false,
+            state_dir: None,
         }
     }
 }
@@ -76,13 +88,14 @@ pub enum LocalCoordinatorError {
     },
     #[error("runner {description:?}: {reason}")]
     InvalidRunner { description: String, reason: String },
-}
-
-/// The commit the local pipeline runs for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct GitRevision {
-    pub sha: String,
-    pub ref_name: String,
+    #[error("cannot prepare the state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot snapshot the working tree for the jobs: {0}")]
+    Sources(String),
 }
 
 /// The embedded coordinator.
@@ -101,19 +114,44 @@ impl LocalCoordinator {
             .local_addr()
             .map_err(|source| LocalCoordinatorError::Listener { source })?;
         let url = format!("http://{address}");
-        let project_dir = std::fs::canonicalize(&options.project_dir)
-            .unwrap_or_else(|_| options.project_dir.clone());
-        let project_name = project_dir
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .filter(|name| !name.is_empty())
-            .unwrap_or_else(|| "project".to_owned());
+        let (temporary, state_dir) = match &options.state_dir {
+            Some(dir) => (None, dir.clone()),
+            None => {
+                let temporary = tempfile::Builder::new()
+                    .prefix("podfleet-pipeline-")
+                    .tempdir()
+                    .map_err(|source| LocalCoordinatorError::StateDir {
+                        path: std::env::temp_dir().display().to_string(),
+                        source,
+                    })?;
+                let path = temporary.path().to_owned();
+                (Some(temporary), path)
+            }
+        };
+        std::fs::create_dir_all(&state_dir).map_err(|source| LocalCoordinatorError::StateDir {
+            path: state_dir.display().to_string(),
+            source,
+        })?;
+        let project_dir = options.project_dir.clone();
+        let prepared = tokio::task::spawn_blocking({
+            let state_dir = state_dir.clone();
+            move || {
+                let project = Project::inspect(&project_dir);
+                let sources = sources::Sources::prepare(&project, &state_dir);
+                (project, sources)
+            }
+        })
+        .await
+        .map_err(|error| LocalCoordinatorError::Sources(error.to_string()))?;
+        let (project, sources) = prepared;
+        let sources = sources.map_err(LocalCoordinatorError::Sources)?;
         let environment = Environment {
             server_url: url.clone(),
-            project_name,
-            project_dir: project_dir.display().to_string(),
+            project,
             job_timeout: options.job_timeout,
-            git: git_revision(&project_dir).await,
+            run_manual: options.run_manual,
+            artifacts_dir: state_dir.join("artifacts"),
+            sources,
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (report_sender, report) = watch::channel(None);
@@ -143,6 +181,7 @@ impl LocalCoordinator {
             events,
             report,
             _shutdown: shutdown,
+            _state_dir: temporary,
         })
     }
 }
@@ -172,27 +211,6 @@ fn validate_runners(runners: &[RunnerRegistration]) -> Result<(), LocalCoordinat
     Ok(())
 }
 
-/// HEAD's commit and branch, when `project_dir` is a git work tree and git is installed.
-async fn git_revision(project_dir: &Path) -> Option<GitRevision> {
-    let git = |arguments: &'static [&'static str]| async move {
-        let output = tokio::process::Command::new("git")
-            .arg("-C")
-            .arg(project_dir)
-            .args(arguments)
-            .output()
-            .await
-            .ok()?;
-        let text = String::from_utf8(output.stdout).ok()?.trim().to_owned();
-        (output.status.success() && !text.is_empty()).then_some(text)
-    };
-    let sha = git(&["rev-parse", "HEAD"]).await?;
-    let ref_name = match git(&["rev-parse", "--abbrev-ref", "HEAD"]).await {
-        Some(branch) if branch != "HEAD" => branch,
-        _ => sha.clone(),
-    };
-    Some(GitRevision { sha, ref_name })
-}
-
 /// A running local coordinator. Dropping it stops the server.
 pub struct Handle {
     /// Base URL of the served API, e.g. `http://127.0.0.1:40123`.
@@ -201,6 +219,7 @@ pub struct Handle {
     events: broadcast::Sender<PipelineEvent>,
     report: watch::Receiver<Option<PipelineReport>>,
     _shutdown: oneshot::Sender<()>,
+    _state_dir: Option<tempfile::TempDir>,
 }
 
 impl Handle {

@@ -14,9 +14,13 @@ pub enum JobStatus {
     Running,
     Success,
     Failed,
-    /// Not run because an earlier stage failed.
+    /// Not run: what it waits for failed (or did not fail, for `when: on_failure`).
     Skipped,
     Canceled,
+    /// A `when: manual` job that was not asked for (`--manual` runs them).
+    Manual,
+    /// A `when: delayed` job waiting for its `start_in`.
+    Scheduled,
 }
 
 impl JobStatus {
@@ -29,6 +33,8 @@ impl JobStatus {
             JobStatus::Failed => "failed",
             JobStatus::Skipped => "skipped",
             JobStatus::Canceled => "canceled",
+            JobStatus::Manual => "manual",
+            JobStatus::Scheduled => "scheduled",
         }
     }
 }
@@ -63,6 +69,14 @@ pub enum PipelineEvent {
         status: JobStatus,
         exit_code: Option<i32>,
     },
+    /// A failed job runs again (per `retry`) under a new id.
+    JobRetried {
+        job_id: u64,
+        new_job_id: u64,
+        name: String,
+        /// 2 for the first retry.
+        attempt: u32,
+    },
     PipelineFinished {
         status: PipelineStatus,
     },
@@ -71,6 +85,8 @@ pub enum PipelineEvent {
 /// One job's outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobReport {
+    /// The id of the job's last attempt.
+    pub job_id: u64,
     pub name: String,
     pub stage: String,
     pub status: JobStatus,
@@ -80,6 +96,18 @@ pub struct JobReport {
     pub runner: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The job's `when` after rules.
+    pub when: String,
+    /// It failed, but `allow_failure` lets the pipeline pass.
+    pub allowed_failure: bool,
+    /// How many times it was retried.
+    pub retries: u32,
+    /// Why it was skipped.
+    pub skip_reason: Option<String>,
+    /// The figure `coverage:` found in the log.
+    pub coverage: Option<String>,
+    /// The uploaded artifacts archive, on this machine.
+    pub artifacts: Option<std::path::PathBuf>,
 }
 
 /// The outcome of a pipeline, jobs in file order.

@@ -1,5 +1,9 @@
 //! The local coordinator driven over HTTP by podfleet's own GitLab client and trace uploader.
 
+mod support;
+
+use support::{client, client_with};
+
 use std::time::Duration;
 
 use podfleet_coordinator::model::{
@@ -7,8 +11,8 @@ use podfleet_coordinator::model::{
     UpdateJobRequest,
 };
 use podfleet_coordinator::{
-    Client, ClientOptions, CoordinatorError, JobOutcome, JobTrace, JobTraceOptions, PatchResponse,
-    RemoteState, RetryPolicy, format_checksum,
+    Client, CoordinatorError, JobOutcome, JobTrace, JobTraceOptions, PatchResponse, RemoteState,
+    format_checksum,
 };
 use podfleet_local_coordinator::{
     Handle, JobStatus, LocalCoordinator, LocalCoordinatorOptions, PipelineEvent, PipelineStatus,
@@ -47,31 +51,12 @@ async fn start(
         LocalCoordinatorOptions {
             project_dir: project_dir.to_owned(),
             job_timeout: Duration::from_secs(900),
+            run_manual: false,
+            state_dir: None,
         },
     )
     .await
     .expect("coordinator starts")
-}
-
-fn client_with(url: &str, info: RunnerInfo) -> Client {
-    Client::with_options(
-        url,
-        "s_0123456789ab",
-        info,
-        ClientOptions {
-            retry: RetryPolicy {
-                backoff_base: Duration::from_millis(1),
-                backoff_max: Duration::from_millis(5),
-                ..RetryPolicy::default()
-            },
-            ..ClientOptions::default()
-        },
-    )
-    .expect("valid url")
-}
-
-fn client(url: &str) -> Client {
-    client_with(url, RunnerInfo::podfleet("docker-autoscaler", "bash"))
 }
 
 async fn take_job(client: &Client, token: &str) -> JobResponse {
@@ -451,6 +436,7 @@ async fn pipeline_runs_stage_by_stage_over_the_runner_api() {
                 String::from_utf8_lossy(&bytes).trim_end()
             )),
             PipelineEvent::PipelineFinished { status } => seen.push(format!("pipeline {status:?}")),
+            PipelineEvent::JobRetried { name, .. } => seen.push(format!("retry {name}")),
         }
     }
     assert_eq!(

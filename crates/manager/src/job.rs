@@ -11,7 +11,7 @@ use podfleet_coordinator::model::{FailureReason, JobResponse, JobState, UpdateJo
 use podfleet_coordinator::{
     Client, JobOutcome as FinalOutcome, JobTrace, JobTraceOptions, RemoteState,
 };
-use podfleet_executor::{Executor, JobOutcome, TraceSink};
+use podfleet_executor::{Cancellation, Executor, JobOutcome, TraceSink};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,8 @@ pub(crate) struct RunnerContext {
     pub events: broadcast::Sender<ManagerEvent>,
     pub cancel: CancellationToken,
     pub telemetry: Arc<Telemetry>,
+    /// A stand-in for SSH and the instances' engines (the benchmark); `None` in production.
+    pub engine: Option<Arc<dyn crate::JobEngine>>,
 }
 
 impl RunnerContext {
@@ -65,31 +67,22 @@ impl RunnerContext {
                 .job_finished(job_id, "dropped", "accept_failed");
             return;
         }
+        // What a restarted manager needs to resume the job, before anything of it runs.
+        let journal = crate::recover::record_job(self, &payload);
         let trace = JobTrace::start(
             self.client.clone(),
             job_id,
             payload.token.expose(),
-            JobTraceOptions::for_job(&payload),
+            JobTraceOptions {
+                journal,
+                ..JobTraceOptions::for_job(&payload)
+            },
         );
         let masker = Arc::new(Mutex::new(masker_for(&self.config, &payload)));
         let limit = Arc::new(Mutex::new(OutputLimit::new(
             u64::from(self.config.output_limit) * 1024,
         )));
-        let sink: TraceSink = {
-            let writer = trace.writer();
-            let masker = masker.clone();
-            let limit = limit.clone();
-            Arc::new(move |bytes: &[u8]| {
-                if let (Ok(mut masker), Ok(mut limit)) = (masker.lock(), limit.lock()) {
-                    let masked = masker.write(bytes);
-                    let (admitted, notice) = limit.admit(&masked);
-                    writer.write(admitted);
-                    if let Some(notice) = notice {
-                        writer.write(notice.as_bytes());
-                    }
-                }
-            })
-        };
+        let sink = trace_sink(&trace, masker.clone(), limit.clone(), 0);
         sink(
             format!(
                 "\x1b[0KRunning with podfleet {} (gitlab-runner compatible)\n\x1b[0K  on {} {}, system ID: {}\n",
@@ -100,12 +93,33 @@ impl RunnerContext {
             )
             .as_bytes(),
         );
-        let cancel = self.cancel.child_token();
-        let remote = watch_remote(trace.remote_state(), cancel.clone());
+        let cancel = Cancellation {
+            graceful: CancellationToken::new(),
+            hard: self.cancel.child_token(),
+        };
+        let remote = watch_remote_graceful(trace.remote_state(), cancel.clone());
         let (instance, outcome) = self
-            .execute(&payload, sink.clone(), cancel.clone(), reservation)
+            .execute(&payload, sink.clone(), cancel, reservation)
             .await;
         remote.abort();
+        self.finish_job(&payload, trace, &masker, &limit, instance, outcome, None)
+            .await;
+    }
+
+    /// Writes the closing lines, sends the final update, forgets the job's record and
+    /// journal, and reports the job's end.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn finish_job(
+        &self,
+        payload: &JobResponse,
+        trace: JobTrace,
+        masker: &Mutex<Masker>,
+        limit: &Mutex<OutputLimit>,
+        instance: Option<String>,
+        outcome: JobOutcome,
+        note: Option<&str>,
+    ) {
+        let job_id = payload.id;
         self.telemetry.job_phase(job_id, JobPhase::Finishing);
         let final_line = match &outcome {
             JobOutcome::Success => "\x1b[32;1mJob succeeded\x1b[0;m\n".to_string(),
@@ -116,6 +130,9 @@ impl RunnerContext {
                 format!("\x1b[31;1mERROR: Job failed (system failure): {reason}\x1b[0;m\n")
             }
             JobOutcome::Canceled => "\x1b[31;1mERROR: Job failed: canceled\x1b[0;m\n".to_string(),
+            JobOutcome::ServiceFailure(reason) => {
+                format!("\x1b[31;1mERROR: Job failed: {reason}\x1b[0;m\n")
+            }
             JobOutcome::TimedOut => {
                 "\x1b[31;1mERROR: Job failed: execution took longer than the job timeout\x1b[0;m\n"
                     .to_string()
@@ -130,7 +147,12 @@ impl RunnerContext {
             if let Some(notice) = notice {
                 trace.write(notice.as_bytes());
             }
-            let mut closing = masker.write(final_line.as_bytes());
+            let mut closing = Vec::new();
+            if let Some(note) = note {
+                closing
+                    .extend(masker.write(format!("\x1b[0K\x1b[36;1m{note}\x1b[0;m\n").as_bytes()));
+            }
+            closing.extend(masker.write(final_line.as_bytes()));
             closing.extend(masker.flush());
             trace.write(&closing);
         }
@@ -152,6 +174,11 @@ impl RunnerContext {
                 reason: FailureReason::JobCanceled,
                 exit_code: None,
             },
+            // The job's own services (its .gitlab-ci.yml): another instance would not help.
+            JobOutcome::ServiceFailure(_) => FinalOutcome::Failed {
+                reason: FailureReason::ScriptFailure,
+                exit_code: None,
+            },
             JobOutcome::TimedOut => FinalOutcome::Failed {
                 reason: FailureReason::JobExecutionTimeout,
                 exit_code: None,
@@ -164,14 +191,40 @@ impl RunnerContext {
         if let Err(e) = trace.finish(final_outcome).await {
             tracing::warn!(job_id, error = %e, "final job update failed");
         }
+        // Settled (or given up) on the coordinator: nothing left to resume.
+        crate::recover::forget_job(self, job_id);
         self.telemetry.job_finished(job_id, label, &reason);
         let _ = self.events.send(ManagerEvent::JobFinished(JobReport {
             runner: self.config.name.clone(),
             job_id,
-            job_name,
+            job_name: payload.job_info.name.clone(),
             instance,
             outcome,
         }));
+    }
+
+    /// SSH to the instance of `acquisition` and its container engine through the tunnel.
+    pub(crate) async fn connect(
+        &self,
+        acquisition: &podfleet_autoscaler::Acquisition,
+    ) -> Result<(Connection, Executor), String> {
+        let instance = &acquisition.instance;
+        let options = session::connect_options(&self.config, &acquisition.connect_info)
+            .map_err(|e| e.to_string())?;
+        let connection = Connection::connect(&options)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tunnel = session::docker_tunnel(&self.config, &acquisition.connect_info)
+            .map_err(|e| e.to_string())?;
+        let executor = tokio::select! {
+            connected = Executor::connect(connection.clone(), tunnel) => {
+                connected.map_err(|e| format!("container engine on {instance}: {e}"))?
+            }
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                return Err(format!("container engine on {instance} did not answer within 60s"));
+            }
+        };
+        Ok((connection, executor))
     }
 
     /// Acquires an instance and runs the job on it; returns the instance used.
@@ -179,7 +232,7 @@ impl RunnerContext {
         &self,
         payload: &JobResponse,
         sink: TraceSink,
-        cancel: CancellationToken,
+        cancel: Cancellation,
         reservation: Reservation,
     ) -> (Option<String>, JobOutcome) {
         let spec = match crate::spec::job_spec(&self.config, payload) {
@@ -199,7 +252,8 @@ impl RunnerContext {
                 Ok(acquisition) => acquisition,
                 Err(e) => return (None, JobOutcome::SystemFailure(e.to_string())),
             },
-            _ = cancel.cancelled() => return (None, JobOutcome::Canceled),
+            _ = cancel.hard.cancelled() => return (None, JobOutcome::Canceled),
+            _ = cancel.graceful.cancelled() => return (None, JobOutcome::Canceled),
         };
         // The slot is held now (or the job failed): the room reserved for it is given back.
         drop(reservation);
@@ -213,25 +267,21 @@ impl RunnerContext {
             instance: instance.clone(),
         });
         say(&sink, &format!("Dialing instance {instance}..."));
-        let connected = async {
-            let options = session::connect_options(&self.config, &acquisition.connect_info)
-                .map_err(|e| e.to_string())?;
-            let connection = Connection::connect(&options)
-                .await
-                .map_err(|e| e.to_string())?;
-            let tunnel = session::docker_tunnel(&self.config, &acquisition.connect_info)
-                .map_err(|e| e.to_string())?;
-            let executor = tokio::select! {
-                connected = Executor::connect(connection.clone(), tunnel) => {
-                    connected.map_err(|e| format!("container engine on {instance}: {e}"))?
-                }
-                _ = tokio::time::sleep(Duration::from_secs(60)) => {
-                    return Err(format!("container engine on {instance} did not answer within 60s"));
+        if let Some(engine) = &self.engine {
+            let spec = match crate::spec::job_spec(&self.config, payload) {
+                Ok(spec) => spec,
+                Err(reason) => {
+                    self.scaler.release(&acquisition, true);
+                    return (Some(instance), JobOutcome::SystemFailure(reason));
                 }
             };
-            Ok::<_, String>((connection, executor))
+            self.telemetry.job_phase(payload.id, JobPhase::Running);
+            let outcome = engine.run(&acquisition.instance, &spec, sink, cancel).await;
+            let healthy = !matches!(outcome, JobOutcome::SystemFailure(_));
+            self.scaler.release(&acquisition, healthy);
+            return (Some(instance), outcome);
         }
-        .await;
+        let connected = self.connect(&acquisition).await;
         let (connection, executor) = match connected {
             Ok(pair) => pair,
             Err(reason) => {
@@ -269,16 +319,50 @@ impl RunnerContext {
     }
 }
 
+/// The executor's view of the job's log: output is masked, held to `output_limit`, and its
+/// first `skip` masked bytes are dropped (a resumed job's output the coordinator already
+/// has), then written to `trace`.
+pub(crate) fn trace_sink(
+    trace: &JobTrace,
+    masker: Arc<Mutex<Masker>>,
+    limit: Arc<Mutex<OutputLimit>>,
+    skip: u64,
+) -> TraceSink {
+    let writer = trace.writer();
+    let skip = Mutex::new(skip);
+    Arc::new(move |bytes: &[u8]| {
+        if let (Ok(mut masker), Ok(mut limit), Ok(mut skip)) =
+            (masker.lock(), limit.lock(), skip.lock())
+        {
+            let masked = masker.write(bytes);
+            let skipped = usize::try_from(*skip)
+                .unwrap_or(usize::MAX)
+                .min(masked.len());
+            *skip -= skipped as u64;
+            let (admitted, notice) = limit.admit(&masked[skipped..]);
+            writer.write(admitted);
+            if let Some(notice) = notice {
+                writer.write(notice.as_bytes());
+            }
+        }
+    })
+}
+
 /// `output_limit` (KiB) on the job's log: output past it is dropped, once announced; the
 /// manager's own closing lines are still written.
-struct OutputLimit {
+pub(crate) struct OutputLimit {
     limit: u64,
     written: u64,
 }
 
 impl OutputLimit {
-    fn new(limit: u64) -> Self {
+    pub(crate) fn new(limit: u64) -> Self {
         Self { limit, written: 0 }
+    }
+
+    /// A limit of which `written` bytes are already used (a resumed job's log so far).
+    pub(crate) fn resumed(limit: u64, written: u64) -> Self {
+        Self { limit, written }
     }
 
     /// The part of `bytes` within the limit, and the notice when this write crosses it.
@@ -300,7 +384,7 @@ impl OutputLimit {
 /// The job's log masker: its masked variables, the token prefixes the job names plus the
 /// defaults (unless `FF_MASK_ALL_DEFAULT_TOKENS` is off; `glpat-` always), and sensitive URL
 /// parameters.
-fn masker_for(runner: &RunnerConfig, payload: &JobResponse) -> Masker {
+pub(crate) fn masker_for(runner: &RunnerConfig, payload: &JobResponse) -> Masker {
     let job_flag = payload
         .variables
         .iter()
@@ -330,16 +414,21 @@ fn masker_for(runner: &RunnerConfig, payload: &JobResponse) -> Masker {
     )
 }
 
-/// Cancels the job when the coordinator says so.
-fn watch_remote(
+/// Stops the job when the coordinator says so: `canceling` gracefully (after_script still
+/// runs), `canceled`/aborted at once.
+pub(crate) fn watch_remote_graceful(
     mut remote: tokio::sync::watch::Receiver<RemoteState>,
-    cancel: CancellationToken,
+    cancel: Cancellation,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            if *remote.borrow_and_update() != RemoteState::Running {
-                cancel.cancel();
-                return;
+            match *remote.borrow_and_update() {
+                RemoteState::Running => {}
+                RemoteState::Canceling => cancel.graceful.cancel(),
+                RemoteState::Abort => {
+                    cancel.hard.cancel();
+                    return;
+                }
             }
             if remote.changed().await.is_err() {
                 return;
@@ -348,13 +437,29 @@ fn watch_remote(
     })
 }
 
-fn say(sink: &TraceSink, line: &str) {
+pub(crate) fn say(sink: &TraceSink, line: &str) {
     sink(format!("\x1b[0K\x1b[36;1m{line}\x1b[0;m\n").as_bytes());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn canceling_stops_gracefully_and_abort_hard() {
+        let (state, remote) = tokio::sync::watch::channel(RemoteState::Running);
+        let cancel = Cancellation::new();
+        let watcher = watch_remote_graceful(remote, cancel.clone());
+        state.send_replace(RemoteState::Canceling);
+        cancel.graceful.cancelled().await;
+        assert!(
+            !cancel.hard.is_cancelled(),
+            "canceling must not kill at once"
+        );
+        state.send_replace(RemoteState::Abort);
+        cancel.hard.cancelled().await;
+        watcher.await.unwrap();
+    }
 
     #[test]
     fn output_past_the_limit_is_dropped_once_announced() {

@@ -6,6 +6,7 @@
 mod job;
 pub mod mask;
 mod readiness;
+mod recover;
 pub mod session;
 mod spec;
 pub mod telemetry;
@@ -17,7 +18,8 @@ use podfleet_autoscaler::{Autoscaler, ScalerEvent, ScalerSettings};
 use podfleet_config::{Config, RunnerConfig};
 use podfleet_coordinator::model::RunnerInfo;
 use podfleet_coordinator::{Client, ClientOptions, RequestObserver};
-use podfleet_provider::Provider;
+use podfleet_executor::{Cancellation, JobOutcome, JobSpec, TraceSink};
+use podfleet_provider::{ConnectInfo, InstanceId, Provider};
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +62,36 @@ pub struct RunnerSetup {
     pub provider: Arc<dyn Provider>,
 }
 
+/// A stand-in for SSH and the instances' container engines, for the benchmark
+/// (`benches/jobs.rs`): it checks new instances and runs jobs in their place. Everything
+/// else stays the real manager: polling, acceptance, the trace (masking, journal, patches),
+/// the autoscaler and its ledger, release and the final update. Production sets none.
+#[async_trait::async_trait]
+pub trait JobEngine: Send + Sync {
+    /// The readiness check of a new or adopted instance.
+    async fn check(&self, instance: &InstanceId, info: &ConnectInfo) -> Result<(), String>;
+    /// Runs the job on `instance` to its end, its output into `trace`.
+    async fn run(
+        &self,
+        instance: &InstanceId,
+        job: &JobSpec,
+        trace: TraceSink,
+        cancel: Cancellation,
+    ) -> JobOutcome;
+}
+
+/// Instance readiness through a [`JobEngine`].
+struct EngineReadiness(Arc<dyn JobEngine>);
+
+#[async_trait::async_trait]
+impl podfleet_autoscaler::ReadinessCheck for EngineReadiness {
+    async fn check(&self, id: &InstanceId, info: &ConnectInfo) -> Result<(), String> {
+        self.0.check(id, info).await
+    }
+}
+
 pub struct Manager {
+    engine: Option<Arc<dyn JobEngine>>,
     config: Config,
     runners: Vec<RunnerSetup>,
     system_id: String,
@@ -201,6 +232,7 @@ impl Manager {
         let (events, _) = broadcast::channel(1024);
         let (live, _) = watch::channel(LiveSettings::of(&config));
         Self {
+            engine: None,
             config,
             runners,
             system_id,
@@ -208,6 +240,12 @@ impl Manager {
             telemetry: Arc::new(Telemetry::new()),
             live,
         }
+    }
+
+    /// Runs jobs through `engine` instead of SSH and the instances' engines (the benchmark).
+    pub fn with_engine(mut self, engine: Arc<dyn JobEngine>) -> Self {
+        self.engine = Some(engine);
+        self
     }
 
     /// The live status and metrics of this manager.
@@ -276,9 +314,12 @@ impl Manager {
             }
             let scaler = Autoscaler::start(
                 setup.provider.clone(),
-                Arc::new(readiness::InstanceReadiness {
-                    runner: setup.config.clone(),
-                }),
+                match &self.engine {
+                    Some(engine) => Arc::new(EngineReadiness(engine.clone())),
+                    None => Arc::new(readiness::InstanceReadiness {
+                        runner: setup.config.clone(),
+                    }),
+                },
                 scaler_settings(&self.config, &setup.config, setup.provider.info().max_size),
             );
             forward_scaler_events(
@@ -302,7 +343,10 @@ impl Manager {
                 events: self.events.clone(),
                 cancel: cancel_jobs.clone(),
                 telemetry: self.telemetry.clone(),
+                engine: self.engine.clone(),
             });
+            // Jobs the previous manager process left running are carried on first.
+            loops.extend(recover::resume_jobs(runner.clone(), concurrent.clone()));
             loops.push(tokio::spawn(poll_loop(
                 runner,
                 concurrent.clone(),

@@ -216,7 +216,7 @@ impl Telemetry {
     }
 
     /// The autoscaler of the runner called `name`, once it runs.
-    pub(crate) fn scaler(&self, name: &str) -> Option<Autoscaler> {
+    pub fn scaler(&self, name: &str) -> Option<Autoscaler> {
         self.with(|s| {
             s.scalers
                 .iter()

@@ -54,6 +54,8 @@ enum Command {
     Images(images::ImagesArgs),
     /// Run the pull-through image cache (`cache serve`).
     Cache(podfleet_image_cache::cli::CacheArgs),
+    /// Run one helper stage of a job (inside the helper container).
+    Helper(podfleet_helper::cli::HelperArgs),
 }
 
 #[derive(clap::Args)]
@@ -112,6 +114,7 @@ fn main() -> ExitCode {
             Command::Images(args) => images::run(args).await,
             Command::Service(args) => service::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
+            Command::Helper(args) => podfleet_helper::cli::run(args).await,
             Command::Cache(args) => {
                 // SIGINT or SIGTERM stops the cache; what is stored stays valid either way.
                 podfleet_image_cache::cli::run(args, async {

@@ -10,6 +10,9 @@ pub(crate) struct TraceBuffer {
     incomplete: Vec<u8>,
     limit: usize,
     limit_reached: bool,
+    /// Every accepted byte is appended here too, before it can be uploaded, so a restarted
+    /// manager can resend what the coordinator has not accepted (see `JobTrace::resume`).
+    journal: Option<std::fs::File>,
 }
 
 const REPLACEMENT: &str = "\u{FFFD}";
@@ -29,6 +32,37 @@ impl TraceBuffer {
             incomplete: Vec::new(),
             limit,
             limit_reached: false,
+            journal: None,
+        }
+    }
+
+    /// A buffer that already holds `accepted` (a journal read back: valid UTF-8, limit
+    /// applied) and journals what follows to `journal`.
+    pub(crate) fn resumed(limit: usize, accepted: Vec<u8>, journal: Option<std::fs::File>) -> Self {
+        let limit_reached = accepted.len() >= limit;
+        TraceBuffer {
+            bytes: accepted,
+            incomplete: Vec::new(),
+            limit,
+            limit_reached,
+            journal,
+        }
+    }
+
+    pub(crate) fn set_journal(&mut self, journal: std::fs::File) {
+        self.journal = Some(journal);
+    }
+
+    /// Appends to the log and to the journal.
+    fn append(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+        if let Some(journal) = self.journal.as_mut() {
+            use std::io::Write;
+            if let Err(error) = journal.write_all(bytes) {
+                // The job goes on; only its resumption after a manager restart is lost.
+                tracing::warn!(%error, "writing the trace journal failed; this job cannot be resumed after a restart");
+                self.journal = None;
+            }
         }
     }
 
@@ -81,16 +115,16 @@ impl TraceBuffer {
         }
         let room = self.limit.saturating_sub(self.bytes.len());
         if text.len() <= room {
-            self.bytes.extend_from_slice(text.as_bytes());
+            self.append(text.as_bytes());
             return;
         }
         let mut cut = room;
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
-        self.bytes.extend_from_slice(&text.as_bytes()[..cut]);
-        self.bytes
-            .extend_from_slice(limit_notice(self.limit).as_bytes());
+        let mut limited = text.as_bytes()[..cut].to_vec();
+        limited.extend_from_slice(limit_notice(self.limit).as_bytes());
+        self.append(&limited);
         self.limit_reached = true;
         self.incomplete.clear();
     }
@@ -164,6 +198,29 @@ mod tests {
         assert!(text.ends_with(
             "Job execution will continue but no more output will be collected.\x1b[0;m\n"
         ));
+    }
+
+    #[test]
+    fn the_journal_holds_exactly_the_accepted_bytes() {
+        let path = std::env::temp_dir().join(format!(
+            "podfleet-trace-journal-{}-{:?}.trace",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let mut buffer = TraceBuffer::new(20);
+        buffer.set_journal(std::fs::File::create(&path).expect("create"));
+        buffer.write(b"ab\xe2\x82");
+        buffer.write(b"\xacc\xff");
+        buffer.write(b"0123456789012345");
+        let journal = std::fs::read(&path).expect("read");
+        assert_eq!(journal, contents(&buffer));
+        let resumed = TraceBuffer::resumed(20, journal.clone(), None);
+        assert_eq!(contents(&resumed), journal);
+        assert!(
+            resumed.limit_reached,
+            "a journal past the limit stays limited"
+        );
+        std::fs::remove_file(&path).expect("remove");
     }
 
     #[test]
