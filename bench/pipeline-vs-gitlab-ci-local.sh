@@ -39,7 +39,7 @@ if ! podman image exists docker.io/firecow/gitlab-ci-local-util:latest; then
 fi
 
 cargo build --quiet --release -p podfleet
-BIN=$ROOT/target/release/podfleet
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/podfleet
 
 WORK=$(mktemp -d /tmp/podfleet-bench-gcl.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT

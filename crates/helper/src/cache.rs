@@ -36,6 +36,10 @@ pub async fn restore(job: &HelperJob, log: &mut dyn Write) {
     let project_dir = Path::new(&job.project_dir);
     let cache_dir = Path::new(&job.cache_dir);
     for cache in job.caches.iter().filter(|cache| cache.policy.pulls()) {
+        if let Some(reason) = &cache.unusable {
+            let _ = writeln!(log, "WARNING: {reason}");
+            continue;
+        }
         if let Err(warning) = restore_one(cache, project_dir, cache_dir, log).await {
             let _ = writeln!(log, "WARNING: {warning}");
             let _ = writeln!(log, "Failed to extract cache");
@@ -145,6 +149,10 @@ pub async fn save(job: &HelperJob, on_success: bool, log: &mut dyn Write) {
         .iter()
         .filter(|cache| cache.policy.pushes() && cache.when.applies(on_success))
     {
+        if let Some(reason) = &cache.unusable {
+            let _ = writeln!(log, "WARNING: {reason}");
+            continue;
+        }
         let _ = writeln!(log, "Creating cache {}...", cache.key);
         match save_one(cache, project_dir, cache_dir, log).await {
             Ok(()) => {

@@ -14,7 +14,7 @@ use crate::cache_key;
 use crate::expand::expand;
 use crate::s3::{self, SharedCache};
 
-/// The local cache volume's mount point inside the helper container (engineer B mounts the
+/// The local cache volume's mount point inside the helper container (the executor mounts the
 /// per-runner cache volume there).
 pub const DEFAULT_CACHE_DIR: &str = "/cache";
 
@@ -165,6 +165,10 @@ pub struct CacheSpec {
     pub local_dir: String,
     /// Present when `[runners.cache]` configures a shared S3 cache.
     pub remote: Option<RemoteCache>,
+    /// Why this cache cannot be used (its key sanitises to nothing): the cache stages say so
+    /// and skip it, as gitlab-runner does; a cache never fails a job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unusable: Option<String>,
 }
 
 /// Presigned URLs of a shared cache entry (valid for the job's timeout).
@@ -321,8 +325,15 @@ impl HelperJob {
             } else {
                 expand(&entry.key, &lookup)
             };
-            let key = cache_key::sanitise(&raw_key)
-                .map_err(|error| format!("cache[{index}] key {raw_key:?}: {error}"))?;
+            let (key, unusable) = match cache_key::sanitise(&raw_key) {
+                Ok(key) => (key, None),
+                Err(error) => (
+                    String::new(),
+                    Some(format!(
+                        "cache[{index}] key {raw_key:?} {error}; this cache is skipped"
+                    )),
+                ),
+            };
             let mut fallback_keys = Vec::new();
             let fallback_sources = entry
                 .fallback_keys
@@ -357,6 +368,7 @@ impl HelperJob {
             let when = When::parse(&entry.when, &format!("cache[{index}]"))?;
             let remote = remote
                 .as_ref()
+                .filter(|_| unusable.is_none())
                 .map(|signer| signer.presign(&key, &fallback_keys, timeout, now));
             caches.push(CacheSpec {
                 key,
@@ -371,6 +383,7 @@ impl HelperJob {
                 when,
                 local_dir: local_dir.clone(),
                 remote,
+                unusable,
             });
         }
         let mut artifacts = Vec::new();
@@ -718,6 +731,23 @@ mod tests {
             ..Cache::default()
         }];
         assert_eq!(build(&payload).unwrap().caches[0].key, "build/main");
+    }
+
+    #[test]
+    fn a_key_that_expands_to_nothing_skips_the_cache_instead_of_failing_the_job() {
+        let mut payload = payload();
+        payload.cache = vec![Cache {
+            key: "$CI_COMMIT_SHA".to_owned(),
+            paths: vec!["vendor/*".to_owned()],
+            policy: "push".to_owned(),
+            ..Cache::default()
+        }];
+        let job = build(&payload).unwrap();
+        let reason = job.caches[0].unusable.as_deref().unwrap();
+        assert!(
+            reason.contains("cache[0]") && reason.contains("skipped"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod recover;
 pub mod session;
 mod spec;
 pub mod telemetry;
+mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use job::JobReport;
 pub use telemetry::{StatusReport, Telemetry};
+pub use tokens::RunnerTokens;
 
 /// How to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,7 @@ pub struct Manager {
     events: broadcast::Sender<ManagerEvent>,
     telemetry: Arc<Telemetry>,
     live: watch::Sender<LiveSettings>,
+    tokens: RunnerTokens,
 }
 
 /// The settings a running manager takes from a reloaded config without a restart.
@@ -138,6 +141,7 @@ pub struct Reloader {
     live: watch::Sender<LiveSettings>,
     config: Arc<std::sync::Mutex<Config>>,
     telemetry: Arc<Telemetry>,
+    tokens: RunnerTokens,
 }
 
 impl Reloader {
@@ -188,10 +192,19 @@ impl Reloader {
                     runner.name
                 ));
             }
+            // A new token (rotated by podfleet, or edited) is used from the next request on.
+            if self.tokens.set(&runner.name, runner.token.clone()) {
+                outcome
+                    .applied
+                    .push(format!("runner {:?} token", runner.name));
+            }
             let rest = |r: &RunnerConfig| {
                 let mut r = r.clone();
                 r.limit = 0;
                 r.autoscaler = None;
+                r.token = Default::default();
+                r.token_obtained_at = None;
+                r.token_expires_at = None;
                 format!("{r:?}")
             };
             if rest(runner) != rest(before) {
@@ -231,6 +244,7 @@ impl Manager {
     pub fn new(config: Config, runners: Vec<RunnerSetup>, system_id: String) -> Self {
         let (events, _) = broadcast::channel(1024);
         let (live, _) = watch::channel(LiveSettings::of(&config));
+        let tokens = RunnerTokens::of(&config);
         Self {
             engine: None,
             config,
@@ -239,6 +253,7 @@ impl Manager {
             events,
             telemetry: Arc::new(Telemetry::new()),
             live,
+            tokens,
         }
     }
 
@@ -259,7 +274,13 @@ impl Manager {
             live: self.live.clone(),
             config: Arc::new(std::sync::Mutex::new(self.config.clone())),
             telemetry: self.telemetry.clone(),
+            tokens: self.tokens.clone(),
         }
+    }
+
+    /// The runner tokens in use, for token rotation.
+    pub fn tokens(&self) -> RunnerTokens {
+        self.tokens.clone()
     }
 
     pub fn events(&self) -> broadcast::Receiver<ManagerEvent> {
@@ -312,6 +333,7 @@ impl Manager {
                     tracing::warn!(runner = %setup.config.name, error = %e, "verifying the runner failed; polling anyway")
                 }
             }
+            self.tokens.mark_serving(&setup.config.name);
             let scaler = Autoscaler::start(
                 setup.provider.clone(),
                 match &self.engine {
@@ -349,6 +371,7 @@ impl Manager {
             loops.extend(recover::resume_jobs(runner.clone(), concurrent.clone()));
             loops.push(tokio::spawn(poll_loop(
                 runner,
+                self.tokens.clone(),
                 concurrent.clone(),
                 self.live.subscribe(),
                 shutdown.clone(),
@@ -459,6 +482,7 @@ fn scaler_settings(config: &Config, runner: &RunnerConfig, max_size: usize) -> S
 /// Asks the coordinator for jobs while the runner has room, until shutdown.
 async fn poll_loop(
     runner: Arc<job::RunnerContext>,
+    tokens: RunnerTokens,
     concurrent: Arc<Semaphore>,
     live: watch::Receiver<LiveSettings>,
     shutdown: watch::Receiver<Shutdown>,
@@ -478,7 +502,6 @@ async fn poll_loop(
     let runner_slots = Arc::new(Semaphore::new(runner_limit));
     let mut last_update = None;
     let mut jobs = tokio::task::JoinSet::new();
-    let token = runner.config.token.expose().to_string();
     while *shutdown.borrow() == Shutdown::Running {
         let (check_interval, new_limit) = {
             let settings = live.borrow();
@@ -495,7 +518,14 @@ async fn poll_loop(
             let Ok(local) = runner_slots.clone().try_acquire_owned() else {
                 break 'poll false;
             };
-            match runner.client.request_job(&token, &mut last_update).await {
+            let token = tokens
+                .get(&runner.config.name)
+                .unwrap_or_else(|| runner.config.token.clone());
+            match runner
+                .client
+                .request_job(token.expose(), &mut last_update)
+                .await
+            {
                 Ok(Some(payload)) => {
                     let runner = runner.clone();
                     jobs.spawn(async move {

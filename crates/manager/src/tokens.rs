@@ -2,14 +2,27 @@
 //! a rotated token (reset before it expires) or one changed in a reloaded config takes effect
 //! at the next job request, without a restart.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use podfleet_config::{Config, Secret};
+use tokio::sync::watch;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RunnerTokens {
     tokens: Arc<RwLock<HashMap<String, Secret>>>,
+    /// Runners whose start-up verification is over: a reset before it would make that
+    /// verification fail with the old token and disable the runner.
+    serving: watch::Sender<BTreeSet<String>>,
+}
+
+impl Default for RunnerTokens {
+    fn default() -> Self {
+        Self {
+            tokens: Arc::default(),
+            serving: watch::channel(BTreeSet::new()).0,
+        }
+    }
 }
 
 impl RunnerTokens {
@@ -22,7 +35,20 @@ impl RunnerTokens {
             .collect();
         Self {
             tokens: Arc::new(RwLock::new(tokens)),
+            ..Self::default()
         }
+    }
+
+    /// Waits until `runner` has passed its start-up verification and polls for jobs.
+    pub async fn serving(&self, runner: &str) {
+        let mut serving = self.serving.subscribe();
+        let _ = serving.wait_for(|names| names.contains(runner)).await;
+    }
+
+    pub(crate) fn mark_serving(&self, runner: &str) {
+        self.serving.send_modify(|names| {
+            names.insert(runner.to_owned());
+        });
     }
 
     /// The token `runner` uses now.
@@ -53,5 +79,20 @@ mod tests {
         assert!(tokens.set("a", Secret::new("glrt-two".to_owned())));
         assert_eq!(seen_by_poll_loop.get("a").unwrap().expose(), "glrt-two");
         assert!(seen_by_poll_loop.get("b").is_none());
+    }
+
+    #[tokio::test]
+    async fn serving_waits_for_the_runners_verification() {
+        let tokens = RunnerTokens::default();
+        let waiter = tokio::spawn({
+            let tokens = tokens.clone();
+            async move { tokens.serving("a").await }
+        });
+        tokio::task::yield_now().await;
+        tokens.mark_serving("b");
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        tokens.mark_serving("a");
+        waiter.await.unwrap();
     }
 }

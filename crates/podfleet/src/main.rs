@@ -7,6 +7,7 @@ mod images;
 mod logging;
 mod pipeline;
 mod providers;
+mod rotation;
 mod service;
 mod simulate;
 mod status;
@@ -194,6 +195,7 @@ async fn run_manager(args: RunArgs, log_level: logging::LevelHandle) -> ExitCode
     }
     let (stop, stopped) = watch::channel(Shutdown::Running);
     let listen_address = config.listen_address.clone();
+    let runner_configs = config.runners.clone();
     let manager = podfleet_manager::Manager::new(config, runners, system_id());
     status::serve_status(status_listener, manager.telemetry());
     if let Some(address) = listen_address
@@ -205,6 +207,12 @@ async fn run_manager(args: RunArgs, log_level: logging::LevelHandle) -> ExitCode
     }
     spawn_signal_handlers(stop.clone());
     spawn_reloads(path.to_path_buf(), manager.reloader(), log_level);
+    rotation::spawn(
+        path.to_path_buf(),
+        &runner_configs,
+        manager.tokens(),
+        &system_id(),
+    );
     service::notify("READY=1");
     service::spawn_watchdog();
     {

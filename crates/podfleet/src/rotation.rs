@@ -40,7 +40,12 @@ fn parse_time(text: Option<&str>) -> Option<DateTime<Utc>> {
 }
 
 /// Starts one rotation task per runner whose token expires.
-pub fn spawn(config_path: PathBuf, runners: &[RunnerConfig], tokens: RunnerTokens, system_id: &str) {
+pub fn spawn(
+    config_path: PathBuf,
+    runners: &[RunnerConfig],
+    tokens: RunnerTokens,
+    system_id: &str,
+) {
     for runner in runners {
         let expires_at = parse_time(runner.token_expires_at.as_deref());
         if reset_due(None, expires_at).is_none() {
@@ -81,6 +86,8 @@ struct Rotation {
 
 impl Rotation {
     async fn run(mut self) {
+        // Not before the manager has verified the runner with the token it started with.
+        self.tokens.serving(&self.runner).await;
         while let Some(due) = reset_due(self.obtained_at, self.expires_at) {
             let wait = (due - Utc::now()).to_std().unwrap_or_default();
             tracing::info!(runner = %self.runner, due = %due.to_rfc3339(), "runner token reset scheduled");

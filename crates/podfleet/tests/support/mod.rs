@@ -37,3 +37,17 @@ impl LocalRunner<'_> {
         path
     }
 }
+
+/// Sends `signal` to the child process and waits for it to exit.
+pub async fn signal_and_wait(
+    mut child: std::process::Child,
+    signal: i32,
+) -> std::process::ExitStatus {
+    // SAFETY: kill(2) with the pid of our own child and a constant signal.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
