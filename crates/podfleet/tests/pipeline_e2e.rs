@@ -159,7 +159,7 @@ fn list_shows_rules_outcomes_without_running_anything() {
 }
 
 #[test]
-fn the_working_tree_reaches_the_job_minus_ignored_files() {
+fn the_working_tree_reaches_the_job_and_artifacts_the_next_one() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let project = dir.path().join("project");
     repository(&project, "sources.gitlab-ci.yml");
@@ -168,6 +168,8 @@ fn the_working_tree_reaches_the_job_minus_ignored_files() {
         .arg(project.join(".gitlab-ci.yml"))
         .arg("--config")
         .arg(config_in(dir.path(), "e2eq"))
+        .arg("--artifacts-dir")
+        .arg(dir.path().join("artifacts"))
         .output()
         .expect("podfleet runs");
     let all = format!(
@@ -178,4 +180,11 @@ fn the_working_tree_reaches_the_job_minus_ignored_files() {
     assert_eq!(output.status.code(), Some(0), "{all}");
     assert!(all.contains("show | uncommitted content"), "{all}");
     assert!(all.contains("show | ignored file absent"), "{all}");
+    // The artifact went up from the first job's instance and down into the second job.
+    assert!(all.contains("use | made by show"), "{all}");
+    let exported: Vec<_> = std::fs::read_dir(dir.path().join("artifacts"))
+        .expect("--artifacts-dir written")
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert!(!exported.is_empty(), "no artifacts exported");
 }
