@@ -14,7 +14,7 @@ set -euo pipefail
 N=${1:-10}
 cd "$(dirname "$0")/.."
 cargo build --quiet --release -p podfleet
-BIN=target/release/podfleet
+BIN=${CARGO_TARGET_DIR:-target}/release/podfleet
 IMAGE=localhost/podfleet/busybox:latest
 mkdir -p /var/lib/podfleet && WORK=$(mktemp -d /var/lib/podfleet/bench.XXXXXX) && chmod 0755 "$WORK"
 trap 'rm -rf "$WORK"' EXIT
@@ -47,15 +47,18 @@ images = ["$IMAGE"]
 idle_time = "30m0s"
 TOML
 }
+mkdir -p "$WORK/project"
 config false >"$WORK/keep.toml"
 config true >"$WORK/clean.toml"
 {
   for i in $(seq 0 "$N"); do echo "job-$i: { stage: s$i, script: [\"true\"] }"; done
   printf 'stages: ['; for i in $(seq 0 "$N"); do printf 's%s, ' "$i"; done; echo ']'
-} >"$WORK/pipeline.yml"
+  # `true` needs no sources: compare the path itself with a raw `podman run`.
+  echo 'variables: { GIT_STRATEGY: none }'
+} >"$WORK/project/pipeline.yml"
 
 echo "podfleet: $((N + 1)) jobs through the whole path..."
-"$BIN" pipeline --file "$WORK/pipeline.yml" --config "$WORK/keep.toml" --report "$WORK/report.json" >"$WORK/pipeline.log" 2>&1 \
+"$BIN" pipeline --file "$WORK/project/pipeline.yml" --config "$WORK/keep.toml" --report "$WORK/report.json" >"$WORK/pipeline.log" 2>&1 \
   || { tail -30 "$WORK/pipeline.log"; exit 1; }
 USER_NAME=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["instance"])' "$WORK/report.json")
 UID_NUM=$(id -u "$USER_NAME")
@@ -71,8 +74,8 @@ done
 
 # Removing the kept instance uses the manager's own start-up reconciliation: an instance it
 # has no record of is deleted; then the one-job cleanup pipeline deletes its own on exit.
-echo "job-0: { script: [\"true\"] }" >"$WORK/one.yml"
-"$BIN" pipeline --file "$WORK/one.yml" --config "$WORK/clean.toml" >>"$WORK/pipeline.log" 2>&1 || true
+printf 'variables: { GIT_STRATEGY: none }\njob-0: { script: ["true"] }\n' >"$WORK/project/one.yml"
+"$BIN" pipeline --file "$WORK/project/one.yml" --config "$WORK/clean.toml" >>"$WORK/pipeline.log" 2>&1 || true
 
 python3 - "$WORK/report.json" "$WORK/raw.txt" <<'PY'
 import json, statistics, sys
