@@ -248,7 +248,14 @@ impl Handle {
     /// Cancels the pipeline: pending jobs end at once; runners holding a job learn it from
     /// `Job-Status: canceled` on their next call and get 403 after that.
     pub fn cancel_all(&self) {
-        http::lock(&self.state).cancel_all();
+        http::lock(&self.state).cancel_all(false);
+    }
+
+    /// Cancels the pipeline as GitLab's cancel button does: pending jobs end at once; running
+    /// jobs become `canceling`, their runners stop the script and run `after_script`, and
+    /// each ends `canceled` when its runner reports. `cancel_all` afterwards stops them hard.
+    pub fn cancel_all_gracefully(&self) {
+        http::lock(&self.state).cancel_all(true);
     }
 
     /// The log the runner uploaded for a job so far.

@@ -12,6 +12,8 @@ pub enum JobStatus {
     /// Waiting for a runner, or handed to one that has not confirmed it yet (two-phase commit).
     Pending,
     Running,
+    /// Canceled while running: its runner stops the script and still runs `after_script`.
+    Canceling,
     Success,
     Failed,
     /// Not run: what it waits for failed (or did not fail, for `when: on_failure`).
@@ -29,6 +31,7 @@ impl JobStatus {
             JobStatus::Created => "created",
             JobStatus::Pending => "pending",
             JobStatus::Running => "running",
+            JobStatus::Canceling => "canceling",
             JobStatus::Success => "success",
             JobStatus::Failed => "failed",
             JobStatus::Skipped => "skipped",
@@ -68,6 +71,11 @@ pub enum PipelineEvent {
         name: String,
         status: JobStatus,
         exit_code: Option<i32>,
+    },
+    /// A running job was canceled gracefully: its `after_script` still runs.
+    JobCanceling {
+        job_id: u64,
+        name: String,
     },
     /// A failed job runs again (per `retry`) under a new id.
     JobRetried {

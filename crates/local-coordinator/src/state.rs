@@ -111,7 +111,15 @@ impl Job {
 
     /// Handed to a runner and not ended.
     fn busy(&self) -> bool {
-        self.runner.is_some() && matches!(self.status, JobStatus::Pending | JobStatus::Running)
+        self.runner.is_some() && self.holds_token()
+    }
+
+    /// Its job token is live: the runner may still clone, fetch and upload with it.
+    fn holds_token(&self) -> bool {
+        matches!(
+            self.status,
+            JobStatus::Pending | JobStatus::Running | JobStatus::Canceling
+        )
     }
 }
 
@@ -440,7 +448,8 @@ impl CoordinatorState {
                     status: JobStatus::Running,
                 }
             }
-            (JobStatus::Pending, JobState::Pending) | (JobStatus::Running, JobState::Running) => {
+            (JobStatus::Pending, JobState::Pending)
+            | (JobStatus::Running | JobStatus::Canceling, JobState::Running) => {
                 UpdateOutcome::Accepted { status: job.status }
             }
             (JobStatus::Pending, _) => UpdateOutcome::BadRequest {
@@ -448,10 +457,10 @@ impl CoordinatorState {
                     "job {job_id} waits for the two-phase acknowledgement: send state running first"
                 ),
             },
-            (JobStatus::Running, JobState::Pending) => UpdateOutcome::Conflict {
-                status: JobStatus::Running,
-            },
-            (JobStatus::Running, final_state) => {
+            (JobStatus::Running | JobStatus::Canceling, JobState::Pending) => {
+                UpdateOutcome::Conflict { status: job.status }
+            }
+            (running @ (JobStatus::Running | JobStatus::Canceling), final_state) => {
                 let claimed = if request.output.checksum.is_empty() {
                     request.checksum.as_str()
                 } else {
@@ -459,14 +468,13 @@ impl CoordinatorState {
                 };
                 if !claimed.is_empty() && claimed != checksum(&job.trace) {
                     job.trace_reset_requested = true;
-                    return UpdateOutcome::ChecksumMismatch {
-                        status: JobStatus::Running,
-                    };
+                    return UpdateOutcome::ChecksumMismatch { status: running };
                 }
-                let status = if final_state == JobState::Success {
-                    JobStatus::Success
-                } else {
-                    JobStatus::Failed
+                // Like GitLab, a job that was canceling ends canceled whatever the runner saw.
+                let status = match (running, final_state) {
+                    (JobStatus::Canceling, _) => JobStatus::Canceled,
+                    (_, JobState::Success) => JobStatus::Success,
+                    _ => JobStatus::Failed,
                 };
                 self.finish_job(index, status, request);
                 UpdateOutcome::Accepted { status }
@@ -563,7 +571,7 @@ impl CoordinatorState {
                     status: JobStatus::Canceled,
                 };
             }
-            JobStatus::Running | JobStatus::Pending => {}
+            JobStatus::Running | JobStatus::Pending | JobStatus::Canceling => {}
             status => {
                 return TraceOutcome::Forbidden {
                     status: Some(status),
@@ -603,24 +611,39 @@ impl CoordinatorState {
         TraceOutcome::Accepted { size, status }
     }
 
-    /// Cancels every job that has not ended; runners learn it on their next call.
-    pub(crate) fn cancel_all(&mut self) {
+    /// Cancels every job that has not ended; runners learn it on their next call. Gracefully,
+    /// a running job becomes `canceling` (`Job-Status: canceling`: its runner stops the
+    /// script, runs `after_script` and reports) and ends canceled when its runner reports;
+    /// otherwise it is canceled at once (`Job-Status: canceled`, then 403).
+    pub(crate) fn cancel_all(&mut self, graceful: bool) {
         if self.finished {
             return;
         }
         self.canceled = true;
         let now = Utc::now();
-        let mut finished_events = Vec::new();
+        let mut events = Vec::new();
         for job in &mut self.jobs {
+            if graceful && job.runner.is_some() && job.status == JobStatus::Running {
+                job.status = JobStatus::Canceling;
+                events.push(PipelineEvent::JobCanceling {
+                    job_id: job.id,
+                    name: job.spec.name.clone(),
+                });
+                continue;
+            }
             if matches!(
                 job.status,
-                JobStatus::Created | JobStatus::Pending | JobStatus::Running | JobStatus::Scheduled
+                JobStatus::Created
+                    | JobStatus::Pending
+                    | JobStatus::Running
+                    | JobStatus::Canceling
+                    | JobStatus::Scheduled
             ) {
                 // A job no runner holds has nobody to tell.
                 job.cancel_announced = job.runner.is_none();
                 job.status = JobStatus::Canceled;
                 job.finished_at = Some(now);
-                finished_events.push(PipelineEvent::JobFinished {
+                events.push(PipelineEvent::JobFinished {
                     job_id: job.id,
                     name: job.spec.name.clone(),
                     status: JobStatus::Canceled,
@@ -628,10 +651,12 @@ impl CoordinatorState {
                 });
             }
         }
-        for event in finished_events {
+        for event in events {
             self.emit(event);
         }
-        self.finish_pipeline();
+        if self.jobs.iter().all(Job::ended) {
+            self.finish_pipeline();
+        }
     }
 
     /// Moves every waiting job whose wait is over to pending, skipped or manual, until
@@ -817,7 +842,10 @@ impl CoordinatorState {
         artifact_type: &str,
     ) -> Option<PathBuf> {
         let index = self.authorized_job(job_id, token)?;
-        if self.jobs[index].status != JobStatus::Running {
+        if !matches!(
+            self.jobs[index].status,
+            JobStatus::Running | JobStatus::Canceling
+        ) {
             return None;
         }
         let safe: String = artifact_type
@@ -849,7 +877,7 @@ impl CoordinatorState {
         let allowed = !token.is_empty()
             && self.jobs.iter().enumerate().any(|(index, job)| {
                 job.token.as_deref() == Some(token)
-                    && matches!(job.status, JobStatus::Pending | JobStatus::Running)
+                    && job.holds_token()
                     && (index == owner || job.artifacts_from.contains(&owner))
             });
         if !allowed {
@@ -875,10 +903,10 @@ impl CoordinatorState {
     /// Whether `token` is the token of a job that is pending or running (to clone sources).
     pub(crate) fn job_token_active(&self, token: &str) -> bool {
         !token.is_empty()
-            && self.jobs.iter().any(|job| {
-                job.token.as_deref() == Some(token)
-                    && matches!(job.status, JobStatus::Pending | JobStatus::Running)
-            })
+            && self
+                .jobs
+                .iter()
+                .any(|job| job.token.as_deref() == Some(token) && job.holds_token())
     }
 
     fn job_payload(&self, job_index: usize) -> JobResponse {

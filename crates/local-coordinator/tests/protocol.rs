@@ -437,6 +437,7 @@ async fn pipeline_runs_stage_by_stage_over_the_runner_api() {
             )),
             PipelineEvent::PipelineFinished { status } => seen.push(format!("pipeline {status:?}")),
             PipelineEvent::JobRetried { name, .. } => seen.push(format!("retry {name}")),
+            PipelineEvent::JobCanceling { name, .. } => seen.push(format!("canceling {name}")),
         }
     }
     assert_eq!(
@@ -538,6 +539,70 @@ async fn cancel_all_answers_canceled_once_then_forbidden() {
         .await
         .expect_err("after cancel");
     assert!(matches!(forbidden, CoordinatorError::Forbidden { .. }));
+}
+
+#[tokio::test]
+async fn a_graceful_cancel_lets_the_runner_finish_after_script_then_ends_canceled() {
+    let project = tempfile::tempdir().expect("temp dir");
+    let handle = start(
+        "long:\n  script: sleep 600\nlater:\n  stage: deploy\n  script: x\n",
+        vec![registration(RUNNER_TOKEN, "local runner", &[], true)],
+        project.path(),
+    )
+    .await;
+    let client = client(&handle.url);
+    let job = take_job(&client, RUNNER_TOKEN).await;
+    acknowledge(&client, &job).await;
+    let trace = JobTrace::start(
+        client.clone(),
+        job.id,
+        job.token.expose(),
+        JobTraceOptions {
+            update_interval: Duration::from_millis(20),
+            ..JobTraceOptions::for_job(&job)
+        },
+    );
+    trace.write(b"working\n");
+    handle.cancel_all_gracefully();
+    let snapshot = handle.snapshot();
+    assert_eq!(snapshot.status, PipelineStatus::Running, "not over yet");
+    assert_eq!(
+        snapshot.job("long").map(|job| job.status),
+        Some(JobStatus::Canceling)
+    );
+    assert_eq!(
+        snapshot.job("later").map(|job| job.status),
+        Some(JobStatus::Canceled),
+        "a job no runner holds ends at once"
+    );
+
+    let mut state = trace.remote_state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|state| *state == RemoteState::Canceling),
+    )
+    .await
+    .expect("canceling noticed")
+    .expect("trace alive");
+    // The runner keeps its token while canceling: after_script output still lands.
+    trace.write(b"after_script ran\n");
+    trace
+        .finish(JobOutcome::Failed {
+            reason: FailureReason::JobCanceled,
+            exit_code: None,
+        })
+        .await
+        .expect("the final update of a canceling job is accepted");
+    let report = tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("pipeline ends");
+    assert_eq!(report.status, PipelineStatus::Canceled);
+    assert_eq!(
+        report.job("long").map(|job| job.status),
+        Some(JobStatus::Canceled)
+    );
+    let log = String::from_utf8(handle.trace(job.id).expect("trace kept")).expect("utf-8");
+    assert!(log.contains("working\nafter_script ran\n"), "{log}");
 }
 
 #[tokio::test]

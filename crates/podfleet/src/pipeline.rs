@@ -306,8 +306,8 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     let mut manager_events = manager.events();
     let (stop, stopped) = watch::channel(Shutdown::Running);
     let manager_task = tokio::spawn(manager.run(stopped));
-    let (signal_stop, mut signalled) = watch::channel(Shutdown::Running);
-    crate::spawn_signal_handlers(signal_stop);
+    let (interrupts, mut signalled) = watch::channel(Interrupt::None);
+    spawn_interrupt_handlers(interrupts);
 
     let mut placement = Placement::default();
     let mut partial: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -332,6 +332,10 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
                     let code = exit_code.map(|c| format!(" (exit code {c})")).unwrap_or_default();
                     live.line(&format!("podfleet: job {name} {}{code}", status.as_str()));
                 }
+                Ok(PipelineEvent::JobCanceling { name, .. }) => {
+                    live.set(&name, JobStatus::Canceling);
+                    live.line(&format!("podfleet: job {name} canceling: its after_script still runs"));
+                }
                 Ok(PipelineEvent::JobRetried { name, attempt, .. }) => {
                     live.set(&name, JobStatus::Pending);
                     live.line(&format!("podfleet: job {name} is retried (attempt {attempt})"));
@@ -348,10 +352,23 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
                 }
             },
             _ = signalled.changed() => {
+                let interrupt = *signalled.borrow_and_update();
                 live.clear();
-                eprintln!("podfleet: stopping: canceling jobs and deleting instances");
-                coordinator.cancel_all();
-                let _ = stop.send(Shutdown::Forceful);
+                match interrupt {
+                    Interrupt::None => {}
+                    Interrupt::Cancel => {
+                        eprintln!(
+                            "podfleet: canceling: running jobs stop their script and run after_script \
+                             (interrupt again to stop them at once)"
+                        );
+                        coordinator.cancel_all_gracefully();
+                    }
+                    Interrupt::Abort => {
+                        eprintln!("podfleet: stopping: canceling jobs and deleting instances");
+                        coordinator.cancel_all();
+                        let _ = stop.send(Shutdown::Forceful);
+                    }
+                }
             },
         }
     };
@@ -410,6 +427,50 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
         PipelineStatus::Success => ExitCode::SUCCESS,
         _ => ExitCode::from(EXIT_FAILED),
     }
+}
+
+/// How far interrupts have taken a local pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    None,
+    /// Like GitLab's cancel button: running jobs go `canceling` and run their after_script.
+    Cancel,
+    /// Jobs are stopped at once; instances are still deleted.
+    Abort,
+}
+
+/// SIGINT and SIGQUIT cancel gracefully, the next one aborts; SIGTERM aborts at once. One
+/// more after an abort exits without cleanup.
+fn spawn_interrupt_handlers(interrupts: watch::Sender<Interrupt>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut int), Ok(mut quit), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            let asked = tokio::select! {
+                _ = int.recv() => Interrupt::Cancel,
+                _ = quit.recv() => Interrupt::Cancel,
+                _ = term.recv() => Interrupt::Abort,
+            };
+            let current = *interrupts.borrow();
+            if current == Interrupt::Abort {
+                eprintln!("podfleet: interrupted again: exiting without cleanup");
+                std::process::exit(i32::from(crate::EXIT_FAILED));
+            }
+            let next = if current == Interrupt::Cancel {
+                Interrupt::Abort
+            } else {
+                asked
+            };
+            interrupts.send_replace(next);
+        }
+    });
 }
 
 /// Instances by job name, learned from the manager's events.
@@ -508,7 +569,7 @@ impl LiveStatus {
         let running: Vec<&str> = self
             .jobs
             .iter()
-            .filter(|(_, status)| *status == JobStatus::Running)
+            .filter(|(_, status)| matches!(status, JobStatus::Running | JobStatus::Canceling))
             .map(|(name, _)| name.as_str())
             .collect();
         let text = format!(

@@ -193,8 +193,10 @@ fn pipeline_routes_by_tag_isolates_privileges_fails_and_cleans_up() {
     assert_nothing_left(dir.path(), group);
 }
 
+/// The first Ctrl-C cancels like GitLab's cancel button (the job goes `canceling`, its
+/// script stops, its after_script runs); the instances are deleted either way.
 #[test]
-fn ctrl_c_stops_running_jobs_and_deletes_instances() {
+fn ctrl_c_cancels_running_jobs_runs_their_after_script_and_deletes_instances() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let group = "e2eb";
     let config = config_in(dir.path(), group);
@@ -243,7 +245,13 @@ fn ctrl_c_stops_running_jobs_and_deletes_instances() {
     reader.join().unwrap();
     let out = seen.lock().unwrap().clone();
     assert_eq!(status.code(), Some(1), "{out}");
-    assert!(out.contains("long") && out.contains("canceled"), "{out}");
+    assert!(out.contains("job long canceling"), "{out}");
+    assert!(
+        out.contains("after_script ran with CI_JOB_STATUS=canceled"),
+        "{out}"
+    );
+    assert!(out.contains("job long canceled"), "{out}");
+    assert!(!out.contains("job long failed"), "{out}");
     assert_nothing_left(dir.path(), group);
 }
 
