@@ -480,6 +480,9 @@ fn scaler_settings(config: &Config, runner: &RunnerConfig, max_size: usize) -> S
 }
 
 /// Asks the coordinator for jobs while the runner has room, until shutdown.
+/// Asks the coordinator for jobs for one runner: `request_concurrency` requests at a time
+/// (each one only with room for its job), under the runner's `limit` as the live settings
+/// say, until shutdown; then waits for the runner's jobs.
 async fn poll_loop(
     runner: Arc<job::RunnerContext>,
     tokens: RunnerTokens,
@@ -487,67 +490,121 @@ async fn poll_loop(
     live: watch::Receiver<LiveSettings>,
     shutdown: watch::Receiver<Shutdown>,
 ) {
-    let limit_of = |settings: &LiveSettings| {
-        let limit = settings
-            .limits
-            .iter()
-            .find(|(name, _)| *name == runner.config.name)
-            .map_or(runner.config.limit, |(_, limit)| *limit);
-        match limit {
-            0 => UNLIMITED,
-            n => n as usize,
+    let limit_of = {
+        let name = runner.config.name.clone();
+        let configured = runner.config.limit;
+        move |settings: &LiveSettings| {
+            let limit = settings
+                .limits
+                .iter()
+                .find(|(runner, _)| *runner == name)
+                .map_or(configured, |(_, limit)| *limit);
+            match limit {
+                0 => UNLIMITED,
+                n => n as usize,
+            }
         }
     };
     let mut runner_limit = limit_of(&live.borrow());
     let runner_slots = Arc::new(Semaphore::new(runner_limit));
-    let mut last_update = None;
-    let mut jobs = tokio::task::JoinSet::new();
-    while *shutdown.borrow() == Shutdown::Running {
-        let (check_interval, new_limit) = {
-            let settings = live.borrow();
-            (settings.check_interval, limit_of(&settings))
-        };
-        resize_semaphore(&runner_slots, &mut runner_limit, new_limit);
-        let got_job = 'poll: {
-            let Some(reservation) = runner.scaler.try_reserve() else {
-                break 'poll false;
-            };
-            let Ok(global) = concurrent.clone().try_acquire_owned() else {
-                break 'poll false;
-            };
-            let Ok(local) = runner_slots.clone().try_acquire_owned() else {
-                break 'poll false;
-            };
-            let token = tokens
-                .get(&runner.config.name)
-                .unwrap_or_else(|| runner.config.token.clone());
-            match runner
-                .client
-                .request_job(token.expose(), &mut last_update)
-                .await
-            {
-                Ok(Some(payload)) => {
-                    let runner = runner.clone();
-                    jobs.spawn(async move {
-                        runner.run_job(payload, reservation).await;
-                        drop((global, local));
-                    });
-                    true
-                }
-                Ok(None) => false,
-                Err(e) => {
-                    tracing::warn!(runner = %runner.config.name, error = %e, "job request failed");
-                    false
-                }
+    let follow_limit = {
+        let (runner_slots, mut live) = (runner_slots.clone(), live.clone());
+        tokio::spawn(async move {
+            while live.changed().await.is_ok() {
+                let wanted = limit_of(&live.borrow());
+                resize_semaphore(&runner_slots, &mut runner_limit, wanted);
             }
-        };
-        while jobs.try_join_next().is_some() {}
-        if !got_job {
-            let mut shutdown = shutdown.clone();
-            let _ = tokio::time::timeout(check_interval, shutdown.changed()).await;
-        }
+        })
+    };
+    let poller = Poller {
+        runner: runner.clone(),
+        tokens,
+        concurrent,
+        runner_slots,
+        last_update: Arc::new(std::sync::Mutex::new(None)),
+        live,
+        shutdown,
+    };
+    let mut pollers = tokio::task::JoinSet::new();
+    for _ in 0..runner.config.request_concurrency.max(1) {
+        pollers.spawn(poller.clone().run());
     }
-    while jobs.join_next().await.is_some() {}
+    while pollers.join_next().await.is_some() {}
+    follow_limit.abort();
+}
+
+/// One of a runner's `request_concurrency` job requesters; they share the runner's slots
+/// and the coordinator's `X-GitLab-Last-Update`.
+#[derive(Clone)]
+struct Poller {
+    runner: Arc<job::RunnerContext>,
+    tokens: RunnerTokens,
+    concurrent: Arc<Semaphore>,
+    runner_slots: Arc<Semaphore>,
+    last_update: Arc<std::sync::Mutex<Option<String>>>,
+    live: watch::Receiver<LiveSettings>,
+    shutdown: watch::Receiver<Shutdown>,
+}
+
+impl Poller {
+    async fn run(self) {
+        let runner = &self.runner;
+        let mut jobs = tokio::task::JoinSet::new();
+        while *self.shutdown.borrow() == Shutdown::Running {
+            let check_interval = self.live.borrow().check_interval;
+            let got_job = 'poll: {
+                let Some(reservation) = runner.scaler.try_reserve() else {
+                    break 'poll false;
+                };
+                let Ok(global) = self.concurrent.clone().try_acquire_owned() else {
+                    break 'poll false;
+                };
+                let Ok(local) = self.runner_slots.clone().try_acquire_owned() else {
+                    break 'poll false;
+                };
+                let token = self
+                    .tokens
+                    .get(&runner.config.name)
+                    .unwrap_or_else(|| runner.config.token.clone());
+                // Held only around the request, not across it: requests run side by side.
+                let mut last_update = lock_ignoring_poison(&self.last_update).clone();
+                let answer = runner
+                    .client
+                    .request_job(token.expose(), &mut last_update)
+                    .await;
+                if last_update.is_some() {
+                    *lock_ignoring_poison(&self.last_update) = last_update;
+                }
+                match answer {
+                    Ok(Some(payload)) => {
+                        let runner = runner.clone();
+                        jobs.spawn(async move {
+                            runner.run_job(payload, reservation).await;
+                            drop((global, local));
+                        });
+                        true
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        tracing::warn!(runner = %runner.config.name, error = %e, "job request failed");
+                        false
+                    }
+                }
+            };
+            while jobs.try_join_next().is_some() {}
+            if !got_job {
+                let mut shutdown = self.shutdown.clone();
+                let _ = tokio::time::timeout(check_interval, shutdown.changed()).await;
+            }
+        }
+        while jobs.join_next().await.is_some() {}
+    }
+}
+
+fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Permits standing for "no limit": large, yet small enough to grow and shrink from.

@@ -8,7 +8,7 @@
 //! artifacts the stand-in coordinator serves to `other-job-token` only.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -212,19 +212,7 @@ async fn the_recorded_gitlab_payload_runs_end_to_end() {
         plugin: "",
     }
     .write(dir.path());
-    let log_path = dir.path().join("daemon.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_podfleet"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .arg("--status-socket")
-        .arg(dir.path().join("status.sock"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = support::spawn_daemon(&config, dir.path());
 
     let deadline = Instant::now() + Duration::from_secs(240);
     let final_state = loop {
@@ -237,7 +225,7 @@ async fn the_recorded_gitlab_payload_runs_end_to_end() {
             panic!(
                 "the job did not finish in 240s\n{}\n{}",
                 String::from_utf8_lossy(&state.lock().unwrap().trace),
-                std::fs::read_to_string(&log_path).unwrap_or_default()
+                support::daemon_log(dir.path())
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -246,7 +234,7 @@ async fn the_recorded_gitlab_payload_runs_end_to_end() {
 
     let state = state.lock().unwrap();
     let trace = String::from_utf8_lossy(&state.trace).into_owned();
-    let daemon_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let daemon_log = support::daemon_log(dir.path());
     assert_eq!(
         final_state, "success",
         "reason {:?}\n{trace}\n{daemon_log}",

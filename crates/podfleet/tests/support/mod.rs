@@ -51,3 +51,25 @@ pub async fn signal_and_wait(
         .await
         .unwrap()
 }
+
+/// Starts `podfleet run --config CONFIG` with its status socket at `dir/status.sock` and its
+/// output in `dir/daemon.log`.
+pub fn spawn_daemon(config: &Path, dir: &Path) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_podfleet"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--status-socket")
+        .arg(dir.join("status.sock"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// What the daemon logged so far.
+pub fn daemon_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+}
