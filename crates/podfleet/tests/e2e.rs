@@ -255,6 +255,95 @@ fn ctrl_c_cancels_running_jobs_runs_their_after_script_and_deletes_instances() {
     assert_nothing_left(dir.path(), group);
 }
 
+/// An instance that disappears under a running job (every process of its user killed, as
+/// when a cloud deletes the VM) fails that job as a system failure; the manager stays healthy:
+/// the broken instance is replaced (the runner allows one instance), the next job runs on the
+/// new one, and nothing is left behind.
+#[test]
+fn an_instance_that_disappears_mid_job_fails_it_as_a_system_failure_and_the_pipeline_goes_on() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let group = "e2ev";
+    let config = config_in(dir.path(), group);
+    let report_path = dir.path().join("report.json");
+    let mut child = podfleet()
+        .args(["pipeline", "--file"])
+        .arg(data("vanish-pipeline.yml"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--report")
+        .arg(&report_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                seen.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !seen.lock().unwrap().contains("started sleeping") {
+        assert!(
+            Instant::now() < deadline,
+            "job never started:\n{}",
+            seen.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let users = instance_users(&format!("{group}u"));
+    assert_eq!(users.len(), 1, "{users:?}");
+    // The instance goes away: its Podman service, conmon, the job's processes and its SSH
+    // sessions, all at once.
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-u", &users[0]])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "nothing to kill for {}", users[0]);
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pipeline did not end:\n{}",
+            seen.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    reader.join().unwrap();
+    let out = seen.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(1), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let job = |name: &str| {
+        report["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|job| job["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no job {name} in {report}"))
+    };
+    let long = job("long");
+    assert_eq!(long["status"], "failed", "{out}");
+    assert_eq!(long["failure_reason"], "runner_system_failure", "{out}");
+    let next = job("next");
+    assert_eq!(next["status"], "success", "{out}");
+    assert_ne!(
+        long["instance"], next["instance"],
+        "the next job ran on the vanished instance: {report}"
+    );
+    assert!(out.contains("the next job ran"), "{out}");
+    assert_nothing_left(dir.path(), group);
+}
+
 #[test]
 fn config_check_reports_every_problem_with_line_and_column() {
     let output = podfleet()
