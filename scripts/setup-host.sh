@@ -10,9 +10,12 @@ die() { printf 'setup-host: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and configures Podman)"
 [ -r /etc/debian_version ] || die "only Debian/Ubuntu hosts are supported by this script"
 
+# Debian 12's Podman networks through CNI: without its dnsname plugin no service is reachable
+# by alias on a job's network (Podman itself does not pull it in with --no-install-recommends).
 PACKAGES=(podman runc crun uidmap slirp4netns fuse-overlayfs openssh-server mmdebstrap
   busybox-static docker-registry skopeo sshpass procps psmisc iproute2 git ca-certificates curl
-  openssl bc python3 python3-venv systemd unzip binutils)
+  openssl bc python3 python3-venv systemd unzip binutils
+  golang-github-containernetworking-plugin-dnsname)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -27,9 +27,9 @@ use bollard::models::{
     NetworkCreateRequest, NetworkingConfig,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ImportImageOptions, LogsOptions,
-    RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions, UploadToContainerOptions,
-    WaitContainerOptions,
+    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, ImportImageOptions,
+    LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
+    UploadToContainerOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
 use podfleet_config::{DockerConfig, PullPolicy};
@@ -922,16 +922,33 @@ impl Executor {
         {
             return JobOutcome::SystemFailure(format!("copy the stage's file into {name}: {e}"));
         }
+        // Attached before the start, as gitlab-runner does: the attach stream carries all the
+        // output and ends when the container exits, so a short script is not held up by the
+        // engine polling log files and exit states (Podman's log follow and wait poll every
+        // 250 ms). An engine that refuses the attach gets its log followed instead.
+        let attach = AttachContainerOptions {
+            stdout: true,
+            stderr: true,
+            stream: true,
+            ..Default::default()
+        };
+        let attached = self.docker.attach_container(name, Some(attach)).await;
         if let Err(e) = self.docker.start_container(name, None).await {
             return JobOutcome::SystemFailure(format!("start container {name}: {e}"));
         }
-        let logs = LogsOptions {
-            follow: true,
-            stdout: true,
-            stderr: true,
-            ..Default::default()
+        let (mut stream, attached): (OutputStream, bool) = match attached {
+            Ok(attached) => (attached.output, true),
+            Err(e) => {
+                tracing::debug!(container = name, error = %e, "attach refused: following the log");
+                let logs = LogsOptions {
+                    follow: true,
+                    stdout: true,
+                    stderr: true,
+                    ..Default::default()
+                };
+                (Box::pin(self.docker.logs(name, Some(logs))), false)
+            }
         };
-        let mut stream = self.docker.logs(name, Some(logs));
         let mut wait = self
             .docker
             .wait_container(name, None::<WaitContainerOptions>);
@@ -981,6 +998,15 @@ impl Executor {
         }
         let result = match exit {
             Some(result) => result,
+            // The attach stream ended with the container: a new wait answers at once, where
+            // the one in flight would answer at its next poll.
+            None if attached => {
+                drop(wait);
+                self.docker
+                    .wait_container(name, None::<WaitContainerOptions>)
+                    .next()
+                    .await
+            }
             None => wait.next().await,
         };
         match result {
@@ -999,6 +1025,11 @@ impl Executor {
         }
     }
 }
+
+/// A container's output as the engine streams it (attach or log follow).
+type OutputStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+>;
 
 /// After a container exits, its log is drained until it is quiet this long...
 const LOG_DRAIN_IDLE: Duration = Duration::from_millis(500);

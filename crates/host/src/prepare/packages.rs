@@ -50,6 +50,33 @@ fn command_exists(name: &str) -> bool {
     })
 }
 
+/// Debian 12's Podman (4.3) networks through CNI, whose `dnsname` plugin makes services
+/// reachable by their aliases on a job's network.
+const CNI_DNS: &str = "golang-github-containernetworking-plugin-dnsname";
+
+/// The name server of per-job networks for the network stack Podman uses (or will use):
+/// `aardvark-dns` beside netavark, else CNI's `dnsname` where the distribution has it.
+async fn dns_package(family: Family) -> Option<&'static str> {
+    match family {
+        Family::RedHat => Some("aardvark-dns"),
+        Family::Debian if installed(family, "netavark").await => Some("aardvark-dns"),
+        Family::Debian => candidate_version(family, CNI_DNS).await.map(|_| CNI_DNS),
+    }
+}
+
+/// Every wanted package that is not installed.
+async fn missing(context: &Context) -> Vec<&'static str> {
+    let mut wanted = wanted(context);
+    wanted.extend(dns_package(context.family).await);
+    let mut missing = Vec::new();
+    for package in wanted {
+        if !installed(context.family, package).await {
+            missing.push(package);
+        }
+    }
+    missing
+}
+
 async fn installed(family: Family, package: &str) -> bool {
     match family {
         Family::Debian => crate::run("dpkg-query", &["-W", "-f=${Status}", package])
@@ -93,17 +120,12 @@ pub(crate) async fn candidate_version(family: Family, package: &str) -> Option<V
 impl Step for Packages {
     fn description(&self, _: &Context) -> String {
         "packages (Podman >= 4.0, subordinate id tools, slirp4netns, fuse-overlayfs, \
-         OpenSSH server, a docker CLI)"
+         DNS for job networks, OpenSSH server, a docker CLI)"
             .into()
     }
 
     async fn check(&self, context: &Context) -> Result<Vec<String>, StepError> {
-        let mut missing = Vec::new();
-        for package in wanted(context) {
-            if !installed(context.family, package).await {
-                missing.push(package);
-            }
-        }
+        let missing = missing(context).await;
         if missing.is_empty() {
             return Ok(Vec::new());
         }
@@ -115,12 +137,6 @@ impl Step for Packages {
     }
 
     async fn apply(&self, context: &Context) -> Result<(), StepError> {
-        let mut missing = Vec::new();
-        for package in wanted(context) {
-            if !installed(context.family, package).await {
-                missing.push(package);
-            }
-        }
         let fix_network = "check that the package repositories are reachable and the \
                            package manager is not locked by another run, then run again";
         match context.family {
@@ -133,6 +149,8 @@ impl Step for Packages {
             }
             Family::RedHat => {}
         }
+        // After the update: the lists now say which name server package exists.
+        let missing = missing(context).await;
         if missing.contains(&"podman") {
             // The lists may only now know Podman (a fresh image has none before `update`).
             if let Some(found) = candidate_version(context.family, "podman").await
