@@ -274,6 +274,9 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     for runner in &mut config.runners {
         runner.url = coordinator.url.clone();
     }
+    // The embedded coordinator is on 127.0.0.1: asking it often costs nothing, while a job
+    // of the next stage waits for the next ask (gitlab-runner's default is every 3 s).
+    config.check_interval = config.check_interval.min(LOCAL_CHECK_INTERVAL);
     let mut runners = Vec::new();
     for runner in &config.runners {
         match crate::providers::provider_for(runner).await {
@@ -428,6 +431,9 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
         _ => ExitCode::from(EXIT_FAILED),
     }
 }
+
+/// How often runners ask the embedded coordinator for jobs, at most.
+const LOCAL_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How far interrupts have taken a local pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -78,6 +78,7 @@ impl Instance {
             registries_conf,
             image_cache: None,
             image_cache_registries: Vec::new(),
+            storage_driver: "overlay".into(),
         };
         let provider = LocalProvider::new(settings, InstanceCredentials::default())
             .await

@@ -278,6 +278,15 @@ impl Creation {
                 .await?;
             std::fs::write(path.join(name), text).map_err(|e| e.to_string())?;
         }
+        let containers = account.home.join(".config/containers");
+        self.as_user(&account, "mkdir", &["-p", &containers.to_string_lossy()])
+            .await?;
+        let storage = format!(
+            "# Written by podfleet's local provider (plugin_config.storage_driver).\n\
+             [storage]\ndriver = \"{}\"\n",
+            self.settings.storage_driver
+        );
+        std::fs::write(containers.join("storage.conf"), storage).map_err(|e| e.to_string())?;
         self.start_podman_service(&account).await?;
         let images = self.image_archives().await?;
         for archive in &images {

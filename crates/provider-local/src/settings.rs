@@ -38,6 +38,16 @@ pub struct LocalSettings {
     /// cache. Default: `docker.io`.
     #[serde(default = "default_cache_registries")]
     pub image_cache_registries: Vec<String>,
+    /// The instance's Podman storage driver (its `~/.config/containers/storage.conf`).
+    /// `overlay` — native in a user namespace (Linux 5.13+), else through fuse-overlayfs —
+    /// shares image layers between containers; `vfs` copies the whole image for every
+    /// container (Podman's choice on Debian 12 when nothing says otherwise).
+    #[serde(default = "default_storage_driver")]
+    pub storage_driver: String,
+}
+
+fn default_storage_driver() -> String {
+    "overlay".into()
 }
 
 fn default_cache_registries() -> Vec<String> {
@@ -63,7 +73,7 @@ impl LocalSettings {
                 ProviderError::Config(format!(
                     "plugin_config of the local provider: {e} (known keys: name, state_dir, \
                      ssh_port, images, max_size, registries_conf, image_cache, \
-                     image_cache_registries)"
+                     image_cache_registries, storage_driver)"
                 ))
             })?;
         let valid = !settings.name.is_empty()
@@ -75,6 +85,13 @@ impl LocalSettings {
             return Err(ProviderError::Config(format!(
                 "plugin_config.name {:?} must be letters, digits, '-' or '_'",
                 settings.name
+            )));
+        }
+        if !["overlay", "vfs", "btrfs", "zfs"].contains(&settings.storage_driver.as_str()) {
+            return Err(ProviderError::Config(format!(
+                "plugin_config.storage_driver {:?} is not a Podman storage driver: use \
+                 \"overlay\" (the default) or \"vfs\"",
+                settings.storage_driver
             )));
         }
         settings.cache_dropin()?;

@@ -92,6 +92,14 @@ async fn two_instances_are_created_survive_a_restart_and_leave_nothing_behind() 
                 .any(|l| l == BUSYBOX),
             "{id} carries {BUSYBOX}: {images:?}"
         );
+        // Image layers are shared between containers (overlay), not copied per container.
+        let driver = run_as_user(
+            &account,
+            &["podman", "info", "--format", "{{.Store.GraphDriverName}}"],
+        )
+        .await;
+        assert_success(&driver, &format!("podman info as {id}"));
+        assert_eq!(String::from_utf8_lossy(&driver.stdout).trim(), "overlay");
         // ... and the service behind the handed-out socket serves them.
         let response = http_get(Path::new(&socket), "/v1.40/images/json").await;
         assert!(
@@ -259,6 +267,7 @@ async fn keys_below_a_directory_others_may_write_are_refused_up_front() {
         registries_conf: None,
         image_cache: None,
         image_cache_registries: Vec::new(),
+        storage_driver: "overlay".into(),
     };
     let error = LocalProvider::new(settings.clone(), InstanceCredentials::default())
         .await
@@ -312,6 +321,15 @@ fn plugin_config_rejects_unknown_keys_and_bad_names() {
     assert_eq!(settings.ssh_port, 2222);
     assert_eq!(settings.state_dir, PathBuf::from("/var/lib/podfleet/local"));
     assert_eq!(settings.images, None);
+    assert_eq!(settings.storage_driver, "overlay");
+
+    let error = parse(serde_json::json!({ "storage_driver": "overlay2" }))
+        .expect_err("a driver Podman does not have");
+    assert!(
+        error.to_string().contains("storage_driver \"overlay2\"")
+            && error.to_string().contains("\"vfs\""),
+        "{error}"
+    );
 }
 
 /// One test's group: its own name and state directory. When the test panics, Drop removes
@@ -344,6 +362,7 @@ impl TestGroup {
             registries_conf: None,
             image_cache: None,
             image_cache_registries: Vec::new(),
+            storage_driver: "overlay".into(),
         };
         Self {
             settings,
