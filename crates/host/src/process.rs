@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::HostError;
 
-/// Process ids owned by `uid` (real uid), from /proc.
+/// Live process ids owned by `uid` (real uid), from /proc. Zombies are dead already and
+/// wait only for their parent (often init, which may take its time) to reap them.
 pub fn processes_of(uid: u32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -13,14 +14,22 @@ pub fn processes_of(uid: u32) -> Vec<i32> {
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| process_uid(*pid) == Some(uid))
+        .filter(|pid| live_process_uid(*pid) == Some(uid))
         .collect()
 }
 
-fn process_uid(pid: i32) -> Option<u32> {
+fn live_process_uid(pid: i32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim_start)
+    };
+    if field("State:")?.starts_with('Z') {
+        return None;
+    }
+    field("Uid:")?.split_whitespace().next()?.parse().ok()
 }
 
 /// Kills every process of `uid` until none is left (processes may fork while we kill).

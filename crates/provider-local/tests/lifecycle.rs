@@ -740,7 +740,8 @@ fn sorted_ids(listed: &[ProviderInstance]) -> Vec<InstanceId> {
     ids
 }
 
-/// Processes with `uid` as real, effective, saved or filesystem uid.
+/// Live processes with `uid` as real, effective, saved or filesystem uid (a zombie is dead,
+/// waiting for init to reap it, which on these machines takes a while).
 fn processes_of(uid: u32) -> Vec<i32> {
     let entries = std::fs::read_dir("/proc").expect("read /proc");
     entries
@@ -748,10 +749,14 @@ fn processes_of(uid: u32) -> Vec<i32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            status
+            let zombie = status
                 .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .is_some_and(|l| l.split_whitespace().skip(1).any(|u| u == uid.to_string()))
+                .any(|l| l.starts_with("State:") && l[6..].trim_start().starts_with('Z'));
+            !zombie
+                && status
+                    .lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .is_some_and(|l| l.split_whitespace().skip(1).any(|u| u == uid.to_string()))
         })
         .collect()
 }
