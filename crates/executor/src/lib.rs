@@ -7,6 +7,7 @@
 //! clouds or GitLab.
 
 pub mod auth;
+mod exit_marker;
 pub mod options;
 pub mod reattach;
 pub mod script;
@@ -693,9 +694,15 @@ impl Executor {
         }
         let role = stage.kind.section().replace('_', "-");
         let name = resources.container(&role);
+        // podfleet's own helper image has a shell to report the exit status with.
+        let cmd = if plan.archive.is_some() {
+            exit_marker::wrap(&stage.argv)
+        } else {
+            stage.argv.clone()
+        };
         let body = ContainerCreateBody {
             image: Some(plan.image.clone()),
-            cmd: Some(stage.argv.clone()),
+            cmd: Some(cmd),
             labels: Some(resources.labels()),
             working_dir: Some(job.builds_dir.clone()),
             host_config: Some(HostConfig {
@@ -765,6 +772,7 @@ impl Executor {
         let body = container_body(job, config, resources, &script_path);
         // The script (with every variable value) goes in as a file, never on a command
         // line where other users of the host could read it in /proc, and with no size cap.
+        let script = format!("{}{script}", exit_marker::SHELL_TRAP);
         let file = (&script_path[1..], script.as_bytes(), 0o700);
         resources.record(&name);
         self.container_stage(&name, body, file, trace, stops).await
@@ -956,6 +964,7 @@ impl Executor {
         // Podman's follow stream can stay open after a fast exit, so once the container
         // has exited the log is drained for a short grace period only.
         let mut exit = None;
+        let mut marker = exit_marker::ExitMarker::default();
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut drain_cap = tokio::time::Instant::now();
         loop {
@@ -967,11 +976,16 @@ impl Executor {
             };
             tokio::select! {
                 item = stream.next() => match item {
-                    Some(Ok(
-                        LogOutput::StdOut { message }
-                        | LogOutput::StdErr { message }
-                        | LogOutput::Console { message },
-                    )) => {
+                    Some(Ok(LogOutput::StdErr { message })) => {
+                        let shown = marker.stderr(&message);
+                        if !shown.is_empty() {
+                            trace(&shown);
+                        }
+                        if let Some(deadline) = drain_until.as_mut() {
+                            *deadline = (tokio::time::Instant::now() + LOG_DRAIN_IDLE).min(drain_cap);
+                        }
+                    }
+                    Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                         trace(&message);
                         // After the exit, keep draining while output still flows.
                         if let Some(deadline) = drain_until.as_mut() {
@@ -996,18 +1010,30 @@ impl Executor {
                 _ = grace => break,
             }
         }
-        let result = match exit {
-            Some(result) => result,
+        let held = marker.finish();
+        if !held.is_empty() {
+            trace(&held);
+        }
+        let result = match (exit, marker.code()) {
+            (Some(result), _) => result,
+            // The stage said how it ended, and its output has ended: no need to wait for the
+            // engine's exit cleanup.
+            (None, Some(0)) if attached => return JobOutcome::Success,
+            (None, Some(code)) if attached => {
+                return JobOutcome::ScriptFailure {
+                    exit_code: i64::from(code),
+                };
+            }
             // The attach stream ended with the container: a new wait answers at once, where
             // the one in flight would answer at its next poll.
-            None if attached => {
+            (None, None) if attached => {
                 drop(wait);
                 self.docker
                     .wait_container(name, None::<WaitContainerOptions>)
                     .next()
                     .await
             }
-            None => wait.next().await,
+            (None, _) => wait.next().await,
         };
         match result {
             Some(Ok(response)) if response.status_code == 0 => JobOutcome::Success,

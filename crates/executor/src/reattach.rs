@@ -14,6 +14,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use podfleet_config::DockerConfig;
 
+use crate::exit_marker::ExitMarker;
 use crate::{
     Cancellation, Executor, ExecutorError, JobOutcome, JobResources, JobSpec, LOG_DRAIN_CAP,
     LOG_DRAIN_IDLE, TraceSink, say, say_error, say_warning, stage_script,
@@ -64,11 +65,12 @@ impl Executor {
         };
         let mut stream = self.docker.logs(&name, Some(options));
         let mut log = Vec::new();
+        // As the job's trace had it: without the stage's exit status line.
+        let mut marker = ExitMarker::default();
         while let Some(item) = stream.next().await {
-            if let Some(message) = message_of(item?) {
-                log.extend_from_slice(&message);
-            }
+            log.extend(shown(item?, &mut marker));
         }
+        log.extend(marker.finish());
         Ok(log)
     }
 
@@ -199,6 +201,7 @@ impl Executor {
         // As in `run_container`: the end is the container's exit; the log is drained for a
         // short grace period after it, since Podman's follow stream may stay open.
         let mut exit = None;
+        let mut marker = ExitMarker::default();
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut drain_cap = tokio::time::Instant::now();
         loop {
@@ -211,7 +214,8 @@ impl Executor {
             tokio::select! {
                 item = stream.next() => match item {
                     Some(Ok(output)) => {
-                        if let Some(message) = message_of(output) {
+                        let message = shown(output, &mut marker);
+                        if !message.is_empty() {
                             trace(&message);
                         }
                         if let Some(deadline) = drain_until.as_mut() {
@@ -235,9 +239,19 @@ impl Executor {
                 _ = grace => break,
             }
         }
-        let result = match exit {
-            Some(result) => result,
-            None => wait.next().await,
+        let held = marker.finish();
+        if !held.is_empty() {
+            trace(&held);
+        }
+        let result = match (exit, marker.code()) {
+            (Some(result), _) => result,
+            (None, Some(0)) => return JobOutcome::Success,
+            (None, Some(code)) => {
+                return JobOutcome::ScriptFailure {
+                    exit_code: i64::from(code),
+                };
+            }
+            (None, None) => wait.next().await,
         };
         match result {
             Some(Ok(response)) if response.status_code == 0 => JobOutcome::Success,
@@ -260,11 +274,11 @@ pub fn build_container(job_id: u64) -> String {
     format!("podfleet-job-{job_id}-build")
 }
 
-fn message_of(output: LogOutput) -> Option<bytes::Bytes> {
+/// The bytes of `output` the trace shows: stderr without the exit status line.
+fn shown(output: LogOutput, marker: &mut ExitMarker) -> Vec<u8> {
     match output {
-        LogOutput::StdOut { message }
-        | LogOutput::StdErr { message }
-        | LogOutput::Console { message } => Some(message),
-        LogOutput::StdIn { .. } => None,
+        LogOutput::StdErr { message } => marker.stderr(&message),
+        LogOutput::StdOut { message } | LogOutput::Console { message } => message.to_vec(),
+        LogOutput::StdIn { .. } => Vec::new(),
     }
 }

@@ -121,6 +121,8 @@ impl Instance {
         };
         let outcome = self.executor.run(job, config, sink, cancel).await;
         let trace = String::from_utf8_lossy(&trace.lock().unwrap()).into_owned();
+        // Each stage's exit status line is taken out of what the job shows.
+        assert!(!trace.contains("podfleet-exit"), "{trace}");
         Run { outcome, trace }
     }
 
