@@ -292,8 +292,19 @@ impl Executor {
             "prepare_executor",
             &format!("Using Docker executor with image {} ...", job.image),
         );
+        // The helper image loads while the job image is pulled and services start (a
+        // failed load is retried, and reported, by the first helper stage).
+        let prepare = async {
+            match job.helper.as_ref().filter(|plan| !plan.stages.is_empty()) {
+                Some(plan) => {
+                    let helper = self.ensure_helper_image(plan, config, trace);
+                    tokio::join!(self.prepare(job, config, resources, trace), helper).0
+                }
+                None => self.prepare(job, config, resources, trace).await,
+            }
+        };
         let prepared = tokio::select! {
-            prepared = self.prepare(job, config, resources, trace) => prepared,
+            prepared = prepare => prepared,
             _ = cancel.hard.cancelled() => Err(JobOutcome::Canceled),
             _ = cancel.graceful.cancelled() => Err(JobOutcome::Canceled),
             _ = tokio::time::sleep_until(deadline) => Err(JobOutcome::TimedOut),

@@ -273,8 +273,8 @@ fn build_archive(binary: &Path, reference: &str) -> io::Result<Vec<u8>> {
     archive.finish()
 }
 
-/// A copy of the binary at a real path, without debug sections when binutils' `strip` is
-/// there; removed when dropped. `strip` and `ldd` run in child processes, where
+/// A copy of the binary at a real path, without debug sections and symbols when binutils'
+/// `strip` is there; removed when dropped. `strip` and `ldd` run in child processes, where
 /// `/proc/self/exe` would name the child's own program, so they get the copy.
 struct BinaryCopy {
     path: PathBuf,
@@ -293,9 +293,11 @@ impl BinaryCopy {
         fs::copy(binary, &copy.path)?;
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&copy.path, fs::Permissions::from_mode(0o755))?;
-        // Best effort: without strip the image is only larger.
+        // Best effort: without strip the image is only larger. Symbols go too: every
+        // instance loads the image before its first helper stage, and a release binary's
+        // symbol tables are a sixth of it.
         let _ = Command::new("strip")
-            .arg("--strip-debug")
+            .arg("--strip-all")
             .arg(&copy.path)
             .output();
         Ok(copy)

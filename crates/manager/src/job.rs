@@ -38,6 +38,8 @@ pub(crate) struct RunnerContext {
     pub telemetry: Arc<Telemetry>,
     /// A stand-in for SSH and the instances' engines (the benchmark); `None` in production.
     pub engine: Option<Arc<dyn crate::JobEngine>>,
+    /// SSH sessions kept between the jobs of an instance.
+    pub sessions: crate::session::Sessions,
 }
 
 impl RunnerContext {
@@ -281,22 +283,33 @@ impl RunnerContext {
             self.scaler.release(&acquisition, healthy);
             return (Some(instance), outcome);
         }
-        let connected = self.connect(&acquisition).await;
-        let (connection, executor) = match connected {
-            Ok(pair) => pair,
-            Err(reason) => {
-                // An instance we cannot reach is no capacity: replace it.
-                self.scaler.release(&acquisition, false);
-                let outcome =
-                    JobOutcome::SystemFailure(format!("instance {instance} unreachable: {reason}"));
-                return (Some(instance), outcome);
-            }
+        let (connection, executor, shared, reused) = match self.sessions.checkout(&instance).await {
+            Some((connection, executor)) => (connection, executor, true, true),
+            None => match self.connect(&acquisition).await {
+                Ok((connection, executor)) => {
+                    let shared = self.sessions.share(&instance, &connection, &executor);
+                    (connection, executor, shared, false)
+                }
+                Err(reason) => {
+                    // An instance we cannot reach is no capacity: replace it.
+                    self.scaler.release(&acquisition, false);
+                    let outcome = JobOutcome::SystemFailure(format!(
+                        "instance {instance} unreachable: {reason}"
+                    ));
+                    return (Some(instance), outcome);
+                }
+            },
         };
         say(
             &sink,
             &format!(
-                "Instance {instance} connected (job {} of this instance)",
-                acquisition.use_number
+                "Instance {instance} connected (job {} of this instance{})",
+                acquisition.use_number,
+                if reused {
+                    ", SSH session kept from its last job"
+                } else {
+                    ""
+                }
             ),
         );
         self.telemetry.job_phase(payload.id, JobPhase::Running);
@@ -313,7 +326,17 @@ impl RunnerContext {
             }
             _ => true,
         };
-        connection.close().await;
+        // The session stays for the instance's next job while the instance stays in service.
+        let max_use_count = self.scaler.settings().limits.max_use_count;
+        let in_service = healthy && (max_use_count == 0 || acquisition.use_number < max_use_count);
+        let to_close = if shared {
+            self.sessions.checkin(&instance, in_service)
+        } else {
+            Some(connection)
+        };
+        if let Some(connection) = to_close {
+            connection.close().await;
+        }
         self.scaler.release(&acquisition, healthy);
         (Some(instance), outcome)
     }

@@ -366,6 +366,7 @@ impl Manager {
                 cancel: cancel_jobs.clone(),
                 telemetry: self.telemetry.clone(),
                 engine: self.engine.clone(),
+                sessions: session::Sessions::default(),
             });
             // Jobs the previous manager process left running are carried on first.
             loops.extend(recover::resume_jobs(runner.clone(), concurrent.clone()));

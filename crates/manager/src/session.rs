@@ -83,3 +83,96 @@ pub fn docker_tunnel(runner: &RunnerConfig, info: &ConnectInfo) -> Result<Tunnel
     let dial_stdio = runner.feature_flag("FF_USE_DOCKER_AUTOSCALER_DIAL_STDIO");
     Ok(Tunnel::for_docker_host(&host, dial_stdio)?)
 }
+
+/// SSH sessions (with the engine client over them and its idle tunnels) kept per instance
+/// between its jobs: the next job on the instance skips the SSH handshake, authentication
+/// and first channel. A session is given up when its instance leaves service (used up,
+/// failed) or the session stops answering; jobs sharing an instance share its session.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    open: std::sync::Mutex<std::collections::HashMap<String, Kept>>,
+}
+
+struct Kept {
+    connection: podfleet_connector::Connection,
+    executor: podfleet_executor::Executor,
+    /// Jobs using it now.
+    users: usize,
+    /// Not handed out any more; closed when its last user is done.
+    done: bool,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Kept>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The kept session to `instance` when it still answers, counted as in use.
+    pub async fn checkout(
+        &self,
+        instance: &str,
+    ) -> Option<(podfleet_connector::Connection, podfleet_executor::Executor)> {
+        let found = {
+            let mut open = self.lock();
+            // Sessions nobody uses whose connection ended (their instance is gone).
+            open.retain(|_, kept| kept.users > 0 || !kept.connection.is_closed());
+            let kept = open
+                .get_mut(instance)
+                .filter(|kept| !kept.done && !kept.connection.is_closed())?;
+            kept.users += 1;
+            (kept.connection.clone(), kept.executor.clone())
+        };
+        // The connection may have died without saying so yet: one quick ping.
+        let ping = found.1.docker().ping();
+        if matches!(
+            tokio::time::timeout(Duration::from_secs(5), ping).await,
+            Ok(Ok(_))
+        ) {
+            return Some(found);
+        }
+        if let Some(connection) = self.checkin(instance, false) {
+            connection.close().await;
+        }
+        None
+    }
+
+    /// Keeps a new session to `instance` for the instance's next jobs, counted as in use
+    /// by the caller; `false` when another job's session is kept already.
+    pub fn share(
+        &self,
+        instance: &str,
+        connection: &podfleet_connector::Connection,
+        executor: &podfleet_executor::Executor,
+    ) -> bool {
+        let mut open = self.lock();
+        if open.contains_key(instance) {
+            return false;
+        }
+        open.insert(
+            instance.to_owned(),
+            Kept {
+                connection: connection.clone(),
+                executor: executor.clone(),
+                users: 1,
+                done: false,
+            },
+        );
+        true
+    }
+
+    /// A job is done with the kept session to `instance`; `keep`: the instance stays in
+    /// service and the session worked. Returns the connection to close when nobody uses it
+    /// any more and it is not kept.
+    pub fn checkin(&self, instance: &str, keep: bool) -> Option<podfleet_connector::Connection> {
+        let mut open = self.lock();
+        let kept = open.get_mut(instance)?;
+        kept.users = kept.users.saturating_sub(1);
+        kept.done |= !keep;
+        if kept.done && kept.users == 0 {
+            return open.remove(instance).map(|kept| kept.connection);
+        }
+        None
+    }
+}

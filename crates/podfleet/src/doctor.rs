@@ -194,9 +194,22 @@ async fn check_runner(
         .iter()
         .find(|i| i.state == InstanceState::Running)
         .map(|i| i.id.clone());
-    let (instance, probe) = match running {
-        Some(id) => (Some(id), false),
-        None if args.probe_instance => match probe_instance(provider.as_ref()).await {
+    // Without a running instance, a failed one is checked link by link: that says why.
+    let failed = instances.iter().find_map(|i| match &i.state {
+        InstanceState::Failed { reason } => Some((i.id.clone(), reason.clone())),
+        _ => None,
+    });
+    let (instance, probe) = match (running, failed) {
+        (Some(id), _) => (Some(id), false),
+        (None, Some((id, reason))) => {
+            report.add(Check::fail(
+                "instance",
+                format!("{id} has failed: {reason}"),
+                "the checks below say which link broke; the autoscaler deletes and replaces it",
+            ));
+            (Some(id), false)
+        }
+        (None, None) if args.probe_instance => match probe_instance(provider.as_ref()).await {
             Ok(id) => (Some(id), true),
             Err(e) => {
                 report.add(Check::fail(
@@ -207,7 +220,7 @@ async fn check_runner(
                 (None, false)
             }
         },
-        None => {
+        (None, None) => {
             report.add(Check::skip(
                 "instance",
                 "no running instance to check (pass --probe-instance to create one for the checks)",

@@ -176,6 +176,11 @@ fn pipeline_routes_by_tag_isolates_privileges_fails_and_cleans_up() {
     );
     assert!(uses.len() >= 3, "instances were not retired: {uses:?}");
     assert!(stdout.contains("retiring (max_use_count)"), "{all}");
+    // An instance's second job reuses the SSH session of its first.
+    assert!(
+        stdout.contains("(job 2 of this instance, SSH session kept from its last job)"),
+        "{all}"
+    );
     // The instances were created and deleted, and the output says so.
     assert!(
         stdout.contains("created and ready") && stdout.contains("deleting instance"),
