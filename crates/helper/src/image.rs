@@ -124,8 +124,36 @@ pub fn docker_archive_of(binary: &Path, cache_dir: &Path) -> io::Result<Vec<u8>>
         if fs::write(&partial, &archive).is_ok() && fs::rename(&partial, &cached).is_err() {
             let _ = fs::remove_file(&partial);
         }
+        prune(cache_dir, STALE_AFTER);
     }
     Ok(archive)
+}
+
+/// Archives and hash stamps of other binaries untouched this long are removed when a new
+/// archive is written (one is rebuilt in about a second if its binary comes back).
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn prune(cache_dir: &Path, stale_after: std::time::Duration) {
+    let Ok(entries) = fs::read_dir(cache_dir) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours =
+            (name.starts_with("helper-") && name.contains(".tar")) || name.starts_with("hash-");
+        let stale = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .is_ok_and(|modified| {
+                now.duration_since(modified)
+                    .is_ok_and(|age| age > stale_after)
+            });
+        if ours && stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// `/var/cache/podfleet` when it can be used (root), else a directory in the temp dir.
@@ -513,6 +541,30 @@ mod tests {
         );
         let missing = parse_ldd("\tlibfoo.so.1 => not found\n", Path::new("git")).unwrap_err();
         assert!(missing.to_string().contains("libfoo"), "{missing}");
+    }
+
+    #[test]
+    fn stale_archives_and_stamps_are_pruned_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 24 * 3600);
+        for (name, age) in [
+            ("helper-0000000000000000.tar", Some(old)),
+            ("hash-1-2-3-4.5", Some(old)),
+            ("helper-1111111111111111.tar", None),
+            ("unrelated.tar", Some(old)),
+        ] {
+            let file = fs::File::create(dir.path().join(name)).unwrap();
+            if let Some(time) = age {
+                file.set_modified(time).unwrap();
+            }
+        }
+        prune(dir.path(), STALE_AFTER);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["helper-1111111111111111.tar", "unrelated.tar"]);
     }
 
     #[test]
