@@ -538,6 +538,15 @@ impl Autoscaler {
         Ok(images)
     }
 
+    /// Whether the instance is known and takes jobs (not retiring, failed or being deleted).
+    pub fn in_service(&self, id: &InstanceId) -> bool {
+        self.inner
+            .lock()
+            .instances
+            .get(id)
+            .is_some_and(|tracked| tracked.phase == Phase::Ready)
+    }
+
     /// Takes a ready instance out of service: it gets no new job and is deleted once its
     /// running jobs are released (an outdated image, for example). Returns whether it was
     /// ready and is now draining.

@@ -283,7 +283,15 @@ impl RunnerContext {
             self.scaler.release(&acquisition, healthy);
             return (Some(instance), outcome);
         }
-        let (connection, executor, shared, reused) = match self.sessions.checkout(&instance).await {
+        // The instance this job holds is in service; of the others, the autoscaler knows.
+        let in_service = |id: &str| {
+            id == instance
+                || self
+                    .scaler
+                    .in_service(&podfleet_provider::InstanceId(id.to_owned()))
+        };
+        let kept = self.sessions.checkout(&instance, in_service).await;
+        let (connection, executor, shared, reused) = match kept {
             Some((connection, executor)) => (connection, executor, true, true),
             None => match self.connect(&acquisition).await {
                 Ok((connection, executor)) => {

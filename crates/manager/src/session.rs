@@ -109,21 +109,42 @@ impl Sessions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The kept session to `instance` when it still answers, counted as in use.
+    /// The kept session to `instance` when it still answers, counted as in use. Sessions
+    /// nobody uses whose connection ended or whose instance left service (`in_service`
+    /// says) are closed and forgotten on the way: a deleted VM does not always end the TCP
+    /// connection to it.
     pub async fn checkout(
         &self,
         instance: &str,
+        in_service: impl Fn(&str) -> bool,
     ) -> Option<(podfleet_connector::Connection, podfleet_executor::Executor)> {
-        let found = {
+        let (found, stale) = {
             let mut open = self.lock();
-            // Sessions nobody uses whose connection ended (their instance is gone).
-            open.retain(|_, kept| kept.users > 0 || !kept.connection.is_closed());
-            let kept = open
+            let stale: Vec<String> = open
+                .iter()
+                .filter(|(id, kept)| {
+                    kept.users == 0 && (kept.connection.is_closed() || !in_service(id.as_str()))
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let stale: Vec<_> = stale
+                .iter()
+                .filter_map(|id| open.remove(id))
+                .map(|kept| kept.connection)
+                .collect();
+            let found = open
                 .get_mut(instance)
-                .filter(|kept| !kept.done && !kept.connection.is_closed())?;
-            kept.users += 1;
-            (kept.connection.clone(), kept.executor.clone())
+                .filter(|kept| !kept.done && !kept.connection.is_closed())
+                .map(|kept| {
+                    kept.users += 1;
+                    (kept.connection.clone(), kept.executor.clone())
+                });
+            (found, stale)
         };
+        for connection in stale {
+            connection.close().await;
+        }
+        let found = found?;
         // The connection may have died without saying so yet: one quick ping.
         let ping = found.1.docker().ping();
         if matches!(
