@@ -160,6 +160,9 @@ struct State {
     /// When each creation the provider accepted but no listing has shown yet was asked for.
     unlisted_creations: Vec<Instant>,
     waiting: usize,
+    /// Jobs the caller expects to start soon, beyond those running (see
+    /// [`Autoscaler::announce`]).
+    announced: usize,
     /// Jobs the manager may be about to receive or is preparing (see [`Reservation`]).
     reserved: usize,
     synced_once: bool,
@@ -332,6 +335,7 @@ impl Autoscaler {
                 instances: BTreeMap::new(),
                 unlisted_creations: Vec::new(),
                 waiting: 0,
+                announced: 0,
                 reserved: 0,
                 synced_once: false,
                 shutting_down: false,
@@ -536,6 +540,19 @@ impl Autoscaler {
             }
         }
         Ok(images)
+    }
+
+    /// Announces that about `jobs` jobs will start soon, beyond those running (a local
+    /// pipeline knows its stages in advance): idle capacity is kept for them, on top of the
+    /// policy's, until the announcement changes. Limits hold.
+    pub fn announce(&self, jobs: usize) {
+        let changed = {
+            let mut state = self.inner.lock();
+            std::mem::replace(&mut state.announced, jobs) != jobs
+        };
+        if changed {
+            self.inner.wake.notify_one();
+        }
     }
 
     /// Whether the instance is known and takes jobs (not retiring, failed or being deleted).
@@ -823,6 +840,7 @@ async fn run_loop(inner: Arc<Inner>) {
                 state.provider_failures = 0;
             }
             let expecting = state.waiting > 0
+                || state.announced > 0
                 || !state.unlisted_creations.is_empty()
                 || state.instances.values().any(|t| {
                     matches!(
@@ -1104,7 +1122,11 @@ fn plan_actions(inner: &Inner, state: &mut State, now: Instant, work: &mut Work)
             idle_since: now,
         });
     }
-    let policy = state.policy_now();
+    let mut policy = state.policy_now();
+    // Announced jobs already waiting are counted as waiting.
+    policy.idle_count = policy
+        .idle_count
+        .max(state.announced.saturating_sub(state.waiting));
     let actions = planner::plan(&views, state.waiting, &policy, &state.settings.limits, now);
     let breaker_open = state.breaker_open_until.is_some_and(|until| now < until);
     let half_open = state.consecutive_failures >= state.settings.failure_threshold.max(1);

@@ -490,6 +490,34 @@ async fn reservations_cap_the_jobs_taken_at_the_group_size() {
     scaler.shutdown().await;
 }
 
+/// A local pipeline announces how many of its jobs will start soon: instances for them are
+/// created ahead of the jobs, in one request and within max_instances; once they run and
+/// nothing more is announced, nothing more is created.
+#[tokio::test(start_paused = true)]
+async fn announced_jobs_get_their_instances_ahead_within_the_limits() {
+    let group = Arc::new(MemoryGroup::default());
+    let scaler = Autoscaler::start(group.clone(), always_ready(), settings(0, 3));
+    scaler.announce(5);
+    eventually("instances for the announced jobs", || {
+        group.get(|s| s.increase_calls.iter().sum::<usize>()) == 3
+    })
+    .await;
+    assert_eq!(
+        group.get(|s| s.increase_calls.clone()),
+        [3],
+        "asked for at once, capped at max_instances = 3"
+    );
+    let first = scaler.acquire(Duration::from_secs(60)).await.unwrap();
+    let second = scaler.acquire(Duration::from_secs(60)).await.unwrap();
+    // Two jobs run and nothing more is coming: no idle capacity is wanted any more.
+    scaler.announce(0);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(group.get(|s| s.increase_calls.iter().sum::<usize>()), 3);
+    scaler.release(&first, true);
+    scaler.release(&second, true);
+    scaler.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn preemptive_mode_takes_jobs_only_with_a_ready_idle_slot() {
     let group = Arc::new(MemoryGroup::default());

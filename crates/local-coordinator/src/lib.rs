@@ -240,6 +240,12 @@ impl Handle {
             .expect("wait_for returned only once the report is set")
     }
 
+    /// Per runner description: how many of its jobs will start soon (the widest stage of
+    /// what has not ended, less its jobs running now).
+    pub fn upcoming_jobs(&self) -> Vec<(String, usize)> {
+        http::lock(&self.state).upcoming_jobs()
+    }
+
     /// The report as it stands now (status `running` until the pipeline ends).
     pub fn snapshot(&self) -> PipelineReport {
         http::lock(&self.state).snapshot()

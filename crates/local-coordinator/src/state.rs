@@ -611,6 +611,41 @@ impl CoordinatorState {
         TraceOutcome::Accepted { size, status }
     }
 
+    /// Per runner (in registration order), by its description: how many of its jobs will
+    /// start soon. That is the most jobs of one stage that have not ended and that it took
+    /// or can take (a job several runners can take counts for the first), less its jobs
+    /// running now. A hint for its autoscaler to create instances ahead of the jobs; the
+    /// running jobs are left out because their slots are counted as they are released,
+    /// before this state hears that the job ended.
+    pub(crate) fn upcoming_jobs(&self) -> Vec<(String, usize)> {
+        let mut per_stage: Vec<std::collections::HashMap<&str, usize>> =
+            vec![std::collections::HashMap::new(); self.runners.len()];
+        let mut running = vec![0usize; self.runners.len()];
+        for job in self.jobs.iter().filter(|job| !job.ended()) {
+            if let Some(runner) = job.runner.filter(|_| job.busy()) {
+                running[runner] += 1;
+            }
+            let runner = job.runner.or_else(|| {
+                self.runners
+                    .iter()
+                    .position(|runner| runner_can_run(runner, &job.spec))
+            });
+            if let Some(runner) = runner {
+                *per_stage[runner]
+                    .entry(job.spec.stage.as_str())
+                    .or_default() += 1;
+            }
+        }
+        self.runners
+            .iter()
+            .zip(per_stage.into_iter().zip(running))
+            .map(|(runner, (stages, running))| {
+                let widest = stages.values().copied().max().unwrap_or(0);
+                (runner.description.clone(), widest.saturating_sub(running))
+            })
+            .collect()
+    }
+
     /// Cancels every job that has not ended; runners learn it on their next call. Gracefully,
     /// a running job becomes `canceling` (`Job-Status: canceling`: its runner stops the
     /// script, runs `after_script` and reports) and ends canceled when its runner reports;
@@ -1185,6 +1220,44 @@ mod tests {
             UpdateOutcome::Accepted { .. }
         ));
         Some(job.job_info.name)
+    }
+
+    #[test]
+    fn upcoming_jobs_are_the_widest_stage_left_less_the_running_ones() {
+        let yaml = "stages: [build, test, deploy]\n\
+                    build: { stage: build, script: x }\n\
+                    unit: { stage: test, script: x }\n\
+                    lint: { stage: test, script: x }\n\
+                    pinp-build: { stage: test, tags: [pinp], script: x }\n\
+                    deploy: { stage: deploy, script: x }\n";
+        let mut coordinator = state(
+            yaml,
+            vec![runner("r", &[], true), runner("p", &["pinp"], false)],
+        );
+        let upcoming = |state: &CoordinatorState| -> Vec<usize> {
+            state
+                .upcoming_jobs()
+                .into_iter()
+                .map(|(_, jobs)| jobs)
+                .collect()
+        };
+        assert_eq!(upcoming(&coordinator), [2, 1]);
+        // build runs: the test stage's two jobs are still to come, one of them on build's slot.
+        let RequestOutcome::Job(build) = coordinator.request_job("r", false) else {
+            panic!("build is offered");
+        };
+        assert_eq!(upcoming(&coordinator), [1, 1]);
+        coordinator.update_job(
+            build.id,
+            build.token.expose(),
+            &update(JobState::Success, 0),
+        );
+        assert_eq!(upcoming(&coordinator), [2, 1]);
+        for _ in 0..2 {
+            run_next(&mut coordinator, JobState::Success, 0).expect("a test job");
+        }
+        // unit and lint are over; pinp-build (for the other runner) and deploy are left.
+        assert_eq!(upcoming(&coordinator), [1, 1]);
     }
 
     fn statuses(state: &CoordinatorState) -> Vec<(String, &'static str)> {

@@ -101,6 +101,38 @@ pub struct Manager {
     telemetry: Arc<Telemetry>,
     live: watch::Sender<LiveSettings>,
     tokens: RunnerTokens,
+    announcer: Announcer,
+}
+
+/// Tells each runner's autoscaler how many jobs will run at once soon (see
+/// [`podfleet_autoscaler::Autoscaler::announce`]); a local pipeline knows its stages.
+#[derive(Clone)]
+pub struct Announcer {
+    runners: Arc<Vec<(String, watch::Sender<usize>)>>,
+}
+
+impl Announcer {
+    /// `jobs` for the runner named `runner` (unknown names are ignored).
+    pub fn announce(&self, runner: &str, jobs: usize) {
+        if let Some((_, sender)) = self.runners.iter().find(|(name, _)| name == runner) {
+            sender.send_if_modified(|announced| std::mem::replace(announced, jobs) != jobs);
+        }
+    }
+
+    fn forward(&self, runner: &str, scaler: Autoscaler) {
+        let Some((_, sender)) = self.runners.iter().find(|(name, _)| name == runner) else {
+            return;
+        };
+        let mut announced = sender.subscribe();
+        tokio::spawn(async move {
+            loop {
+                scaler.announce(*announced.borrow_and_update());
+                if announced.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 /// The settings a running manager takes from a reloaded config without a restart.
@@ -245,6 +277,14 @@ impl Manager {
         let (events, _) = broadcast::channel(1024);
         let (live, _) = watch::channel(LiveSettings::of(&config));
         let tokens = RunnerTokens::of(&config);
+        let announcer = Announcer {
+            runners: Arc::new(
+                runners
+                    .iter()
+                    .map(|setup| (setup.config.name.clone(), watch::channel(0).0))
+                    .collect(),
+            ),
+        };
         Self {
             engine: None,
             config,
@@ -254,7 +294,13 @@ impl Manager {
             telemetry: Arc::new(Telemetry::new()),
             live,
             tokens,
+            announcer,
         }
+    }
+
+    /// A handle to announce the jobs coming soon to the runners' autoscalers.
+    pub fn announcer(&self) -> Announcer {
+        self.announcer.clone()
     }
 
     /// Runs jobs through `engine` instead of SSH and the instances' engines (the benchmark).
@@ -351,6 +397,7 @@ impl Manager {
                 self.telemetry.clone(),
             );
             self.telemetry.runner_started(&setup.config.name, &scaler);
+            self.announcer.forward(&setup.config.name, scaler.clone());
             image_watches.push(tokio::spawn(watch_images(
                 setup.config.name.clone(),
                 scaler.clone(),

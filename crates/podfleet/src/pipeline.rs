@@ -291,6 +291,15 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
         }
     }
     let manager = Manager::new(config, runners, crate::system_id());
+    // The pipeline knows its stages: each runner's autoscaler hears how many of its jobs
+    // will start soon, and creates their instances ahead of them.
+    let announcer = manager.announcer();
+    let announce = |coordinator: &podfleet_local_coordinator::Handle| {
+        for (runner, jobs) in coordinator.upcoming_jobs() {
+            announcer.announce(&runner, jobs);
+        }
+    };
+    announce(&coordinator);
     // `podfleet status --socket S` works during a pipeline too, when asked for: the daemon's
     // default socket is never taken, so a local pipeline cannot keep a daemon from starting.
     let serving = match &args.status_socket {
@@ -321,7 +330,11 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     live.draw();
     let report = loop {
         tokio::select! {
-            event = pipeline_events.recv() => match event {
+            event = pipeline_events.recv() => match event.inspect(|event| {
+                if !matches!(event, PipelineEvent::TraceChunk { .. }) {
+                    announce(&coordinator);
+                }
+            }) {
                 Ok(PipelineEvent::JobStarted { name, runner_description, .. }) => {
                     live.set(&name, JobStatus::Running);
                     live.line(&format!("podfleet: job {name} started on runner {runner_description}"));
