@@ -86,6 +86,9 @@ pub struct JobSpec {
     pub stop_grace: Duration,
 }
 
+/// Builds the `docker save` archive of podfleet's own helper image.
+pub type HelperArchive = fn() -> std::io::Result<Vec<u8>>;
+
 /// The helper container's part of a job: the image, how to get it onto the instance, the
 /// job file it reads and the command of each stage that has work.
 #[derive(Clone)]
@@ -93,7 +96,7 @@ pub struct HelperPlan {
     pub image: String,
     /// A `docker save` archive of `image`, loaded with `POST /images/load` when the instance
     /// lacks it; `None` pulls `image` (a configured `helper_image`) with the runner's policy.
-    pub archive: Option<fn() -> std::io::Result<Vec<u8>>>,
+    pub archive: Option<HelperArchive>,
     /// The job file (JSON with tokens): uploaded into each helper container, mode 0600.
     pub job_file: Vec<u8>,
     /// Where the job file goes in the helper container (absolute).
@@ -749,6 +752,23 @@ impl Executor {
             return Ok(());
         }
         say(trace, &format!("Loading helper image {} ...", plan.image));
+        self.load_helper_image(&plan.image, archive).await
+    }
+
+    /// Loads podfleet's own helper image `image` from `archive` unless the instance has it
+    /// (an instance's readiness check does this, so its first job does not wait for it).
+    pub async fn preload_helper_image(
+        &self,
+        image: &str,
+        archive: HelperArchive,
+    ) -> Result<(), String> {
+        if self.docker.inspect_image(image).await.is_ok() {
+            return Ok(());
+        }
+        self.load_helper_image(image, archive).await
+    }
+
+    async fn load_helper_image(&self, image: &str, archive: HelperArchive) -> Result<(), String> {
         let bytes = archive()
             .map_err(|e| format!("podfleet's helper image archive could not be built: {e}"))?;
         let mut stream = self.docker.import_image(
@@ -757,13 +777,13 @@ impl Executor {
             None,
         );
         while let Some(progress) = stream.next().await {
-            progress.map_err(|e| format!("load helper image {}: {e}", plan.image))?;
+            progress.map_err(|e| format!("load helper image {image}: {e}"))?;
         }
         self.docker
-            .inspect_image(&plan.image)
+            .inspect_image(image)
             .await
             .map(|_| ())
-            .map_err(|e| format!("helper image {} missing after loading it: {e}", plan.image))
+            .map_err(|e| format!("helper image {image} missing after loading it: {e}"))
     }
 
     /// A script stage in the job image (step_script, after_script, cleanup, service probe).

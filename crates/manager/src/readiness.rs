@@ -1,6 +1,6 @@
 //! Readiness of a new (or adopted) instance: SSH answers with the configured credentials,
-//! the `instance_ready_command` succeeds, and the container engine answers the Docker API
-//! through the tunnel. A failed attempt is retried with backoff (1 s doubling to 15 s) until
+//! the `instance_ready_command` succeeds, the container engine answers the Docker API
+//! through the tunnel; then podfleet's helper image is loaded when missing (best effort). A failed attempt is retried with backoff (1 s doubling to 15 s) until
 //! `instance_ready_timeout`, because cloud-init and sshd come up at their own pace; the
 //! incumbent's single shot turns a slow boot into create/delete churn.
 
@@ -83,9 +83,17 @@ impl InstanceReadiness {
             }
         }
         let tunnel = session::docker_tunnel(&self.runner, info).map_err(|e| e.to_string())?;
-        Executor::connect(connection.clone(), tunnel)
+        let executor = Executor::connect(connection.clone(), tunnel)
             .await
-            .map(|_| ())
-            .map_err(|e| format!("container engine on {id} does not answer: {e}"))
+            .map_err(|e| format!("container engine on {id} does not answer: {e}"))?;
+        // The instance's first job should not wait for podfleet's helper image: an instance
+        // created ahead of its jobs loads it while it waits. Best effort: a job that needs
+        // the image loads it again and fails with the reason if it still cannot.
+        if let Some((image, archive)) = crate::spec::own_helper_image(&self.runner)
+            && let Err(error) = executor.preload_helper_image(&image, archive).await
+        {
+            tracing::warn!(instance = %id, %error, "podfleet's helper image was not preloaded");
+        }
+        Ok(())
     }
 }

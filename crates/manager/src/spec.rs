@@ -8,7 +8,8 @@ use podfleet_config::RunnerConfig;
 use podfleet_coordinator::model::{JobResponse, StepWhen};
 use podfleet_executor::auth::parse_docker_auth_config;
 use podfleet_executor::{
-    HelperPlan, HelperStage, HelperStageKind, JobSpec, RegistryCredential, ServiceSpec, Variable,
+    HelperArchive, HelperPlan, HelperStage, HelperStageKind, JobSpec, RegistryCredential,
+    ServiceSpec, Variable,
 };
 use podfleet_helper::{HelperJob, Stage};
 
@@ -17,6 +18,18 @@ const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(7200);
 const DEFAULT_AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// A graceful cancel's SIGTERM is followed by SIGKILL after this long.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// podfleet's own helper image and its archive, unless `[runners.docker] helper_image`
+/// names another image.
+pub(crate) fn own_helper_image(runner: &RunnerConfig) -> Option<(String, HelperArchive)> {
+    match runner.docker.helper_image.as_deref() {
+        Some(image) if !image.is_empty() => None,
+        _ => Some((
+            podfleet_helper::image::reference(),
+            podfleet_helper::image::docker_archive as HelperArchive,
+        )),
+    }
+}
 
 /// Turns the coordinator's payload into what the executor runs. A payload the executor
 /// cannot run fails that job with a reason, never the manager.
@@ -248,12 +261,9 @@ fn helper_plan(
     if stages.is_empty() {
         return Ok(None);
     }
-    let (image, archive) = match runner.docker.helper_image.as_deref() {
-        Some(image) if !image.is_empty() => (image.to_string(), None),
-        _ => (
-            podfleet_helper::image::reference(),
-            Some(podfleet_helper::image::docker_archive as fn() -> std::io::Result<Vec<u8>>),
-        ),
+    let (image, archive) = match own_helper_image(runner) {
+        Some((image, archive)) => (image, Some(archive)),
+        None => (runner.docker.helper_image.clone().unwrap_or_default(), None),
     };
     Ok(Some(HelperPlan {
         image,
