@@ -349,6 +349,35 @@ fn an_instance_that_disappears_mid_job_fails_it_as_a_system_failure_and_the_pipe
     assert_nothing_left(dir.path(), group);
 }
 
+/// The pipeline announces its stages: the privileged runner's two instances for the second
+/// stage are asked for at once, while the first stage still runs on the other runner.
+#[test]
+fn a_parallel_stage_gets_its_instances_while_the_stage_before_runs() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let group = "e2en";
+    let config = config_in(dir.path(), group);
+    let output = podfleet()
+        .args(["pipeline", "--file"])
+        .arg(data("announce-pipeline.yml"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let all = format!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{all}");
+    let at = |needle: &str| {
+        stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{all}"))
+    };
+    assert!(
+        at("[privileged] creating 2 instance(s)") < at("job first success"),
+        "{all}"
+    );
+    assert_nothing_left(dir.path(), group);
+}
+
 #[test]
 fn config_check_reports_every_problem_with_line_and_column() {
     let output = podfleet()
