@@ -84,6 +84,16 @@ impl ExitMarker {
         }
     }
 
+    /// The bytes of `output` the trace shows: stderr without the status line.
+    pub(crate) fn shown(&mut self, output: bollard::container::LogOutput) -> Vec<u8> {
+        use bollard::container::LogOutput;
+        match output {
+            LogOutput::StdErr { message } => self.stderr(&message),
+            LogOutput::StdOut { message } | LogOutput::Console { message } => message.to_vec(),
+            LogOutput::StdIn { .. } => Vec::new(),
+        }
+    }
+
     /// What is still held back, to show once the output has ended.
     pub(crate) fn finish(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.held)

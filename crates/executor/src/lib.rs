@@ -975,7 +975,7 @@ impl Executor {
         if let Err(e) = self.docker.start_container(name, None).await {
             return JobOutcome::SystemFailure(format!("start container {name}: {e}"));
         }
-        let (mut stream, attached): (OutputStream, bool) = match attached {
+        let (stream, attached): (OutputStream, bool) = match attached {
             Ok(attached) => (attached.output, true),
             Err(e) => {
                 tracing::debug!(container = name, error = %e, "attach refused: following the log");
@@ -988,6 +988,19 @@ impl Executor {
                 (Box::pin(self.docker.logs(name, Some(logs))), false)
             }
         };
+        self.follow_to_end(name, stream, attached, trace).await
+    }
+
+    /// Follows a started container's output (`stream`: its attach stream, or its followed
+    /// log) into `trace` until it has exited and its output is drained, without the stage's
+    /// exit status line, and maps its exit to an outcome.
+    pub(crate) async fn follow_to_end(
+        &self,
+        name: &str,
+        mut stream: OutputStream,
+        attached: bool,
+        trace: &TraceSink,
+    ) -> JobOutcome {
         let mut wait = self
             .docker
             .wait_container(name, None::<WaitContainerOptions>);
@@ -1007,23 +1020,16 @@ impl Executor {
             };
             tokio::select! {
                 item = stream.next() => match item {
-                    Some(Ok(LogOutput::StdErr { message })) => {
-                        let shown = marker.stderr(&message);
+                    Some(Ok(output)) => {
+                        let shown = marker.shown(output);
                         if !shown.is_empty() {
                             trace(&shown);
                         }
-                        if let Some(deadline) = drain_until.as_mut() {
-                            *deadline = (tokio::time::Instant::now() + LOG_DRAIN_IDLE).min(drain_cap);
-                        }
-                    }
-                    Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
-                        trace(&message);
                         // After the exit, keep draining while output still flows.
                         if let Some(deadline) = drain_until.as_mut() {
                             *deadline = (tokio::time::Instant::now() + LOG_DRAIN_IDLE).min(drain_cap);
                         }
                     }
-                    Some(Ok(LogOutput::StdIn { .. })) => {}
                     Some(Err(e)) => {
                         if exit.is_none() {
                             return JobOutcome::SystemFailure(format!("logs of {name}: {e}"));
@@ -1049,8 +1055,8 @@ impl Executor {
             (Some(result), _) => result,
             // The stage said how it ended, and its output has ended: no need to wait for the
             // engine's exit cleanup.
-            (None, Some(0)) if attached => return JobOutcome::Success,
-            (None, Some(code)) if attached => {
+            (None, Some(0)) => return JobOutcome::Success,
+            (None, Some(code)) => {
                 return JobOutcome::ScriptFailure {
                     exit_code: i64::from(code),
                 };
@@ -1064,7 +1070,7 @@ impl Executor {
                     .next()
                     .await
             }
-            (None, _) => wait.next().await,
+            (None, None) => wait.next().await,
         };
         match result {
             Some(Ok(response)) if response.status_code == 0 => JobOutcome::Success,
@@ -1084,7 +1090,7 @@ impl Executor {
 }
 
 /// A container's output as the engine streams it (attach or log follow).
-type OutputStream = std::pin::Pin<
+pub(crate) type OutputStream = std::pin::Pin<
     Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
 >;
 

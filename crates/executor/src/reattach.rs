@@ -6,18 +6,16 @@
 
 use std::time::Duration;
 
-use bollard::container::LogOutput;
 use bollard::query_parameters::{
     InspectContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    WaitContainerOptions,
 };
 use futures_util::StreamExt;
 use podfleet_config::DockerConfig;
 
 use crate::exit_marker::ExitMarker;
 use crate::{
-    Cancellation, Executor, ExecutorError, JobOutcome, JobResources, JobSpec, LOG_DRAIN_CAP,
-    LOG_DRAIN_IDLE, TraceSink, say, say_error, say_warning, stage_script,
+    Cancellation, Executor, ExecutorError, JobOutcome, JobResources, JobSpec, OutputStream,
+    TraceSink, say, say_error, say_warning, stage_script,
 };
 
 /// The build container of a job, as found after a manager restart.
@@ -68,7 +66,7 @@ impl Executor {
         // As the job's trace had it: without the stage's exit status line.
         let mut marker = ExitMarker::default();
         while let Some(item) = stream.next().await {
-            log.extend(shown(item?, &mut marker));
+            log.extend(marker.shown(item?));
         }
         log.extend(marker.finish());
         Ok(log)
@@ -194,91 +192,12 @@ impl Executor {
             stderr: true,
             ..Default::default()
         };
-        let mut stream = self.docker.logs(name, Some(options));
-        let mut wait = self
-            .docker
-            .wait_container(name, None::<WaitContainerOptions>);
-        // As in `run_container`: the end is the container's exit; the log is drained for a
-        // short grace period after it, since Podman's follow stream may stay open.
-        let mut exit = None;
-        let mut marker = ExitMarker::default();
-        let mut drain_until: Option<tokio::time::Instant> = None;
-        let mut drain_cap = tokio::time::Instant::now();
-        loop {
-            let grace = async {
-                match drain_until {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                item = stream.next() => match item {
-                    Some(Ok(output)) => {
-                        let message = shown(output, &mut marker);
-                        if !message.is_empty() {
-                            trace(&message);
-                        }
-                        if let Some(deadline) = drain_until.as_mut() {
-                            *deadline = (tokio::time::Instant::now() + LOG_DRAIN_IDLE).min(drain_cap);
-                        }
-                    }
-                    Some(Err(e)) => {
-                        if exit.is_none() {
-                            return JobOutcome::SystemFailure(format!("logs of {name}: {e}"));
-                        }
-                        break;
-                    }
-                    None => break,
-                },
-                result = wait.next(), if exit.is_none() => {
-                    exit = Some(result);
-                    let now = tokio::time::Instant::now();
-                    drain_cap = now + LOG_DRAIN_CAP;
-                    drain_until = Some(now + LOG_DRAIN_IDLE);
-                }
-                _ = grace => break,
-            }
-        }
-        let held = marker.finish();
-        if !held.is_empty() {
-            trace(&held);
-        }
-        let result = match (exit, marker.code()) {
-            (Some(result), _) => result,
-            (None, Some(0)) => return JobOutcome::Success,
-            (None, Some(code)) => {
-                return JobOutcome::ScriptFailure {
-                    exit_code: i64::from(code),
-                };
-            }
-            (None, None) => wait.next().await,
-        };
-        match result {
-            Some(Ok(response)) if response.status_code == 0 => JobOutcome::Success,
-            Some(Ok(response)) => JobOutcome::ScriptFailure {
-                exit_code: response.status_code,
-            },
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. }))
-                if code != 0 =>
-            {
-                JobOutcome::ScriptFailure { exit_code: code }
-            }
-            Some(Err(e)) => JobOutcome::SystemFailure(format!("wait for {name}: {e}")),
-            None => JobOutcome::SystemFailure(format!("wait for {name}: no answer")),
-        }
+        let stream: OutputStream = Box::pin(self.docker.logs(name, Some(options)));
+        self.follow_to_end(name, stream, false, trace).await
     }
 }
 
 /// The name [`Executor::run`] gives a job's build container.
 pub fn build_container(job_id: u64) -> String {
     format!("podfleet-job-{job_id}-build")
-}
-
-/// The bytes of `output` the trace shows: stderr without the exit status line.
-fn shown(output: LogOutput, marker: &mut ExitMarker) -> Vec<u8> {
-    match output {
-        LogOutput::StdErr { message } => marker.stderr(&message),
-        LogOutput::StdOut { message } | LogOutput::Console { message } => message.to_vec(),
-        LogOutput::StdIn { .. } => Vec::new(),
-    }
 }

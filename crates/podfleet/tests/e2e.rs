@@ -94,6 +94,82 @@ fn cap_bits(stdout: &str, job: &str) -> u32 {
     u64::from_str_radix(hex, 16).unwrap().count_ones()
 }
 
+/// A `podfleet pipeline` running in the background, its stdout collected line by line.
+struct Background {
+    child: std::process::Child,
+    seen: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Background {
+    /// Starts `podfleet pipeline --file FILE --config CONFIG` and `extra` arguments.
+    fn start(file: &Path, config: &Path, extra: &[&std::ffi::OsStr]) -> Self {
+        let mut child = podfleet()
+            .args(["pipeline", "--file"])
+            .arg(file)
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let seen = Arc::new(Mutex::new(String::new()));
+        let reader = {
+            let seen = seen.clone();
+            let stdout = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    seen.lock().unwrap().push_str(&format!("{line}\n"));
+                }
+            })
+        };
+        Self {
+            child,
+            seen,
+            reader,
+        }
+    }
+
+    /// Waits until the output holds `text` (two minutes at most).
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.seen.lock().unwrap().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} within 120s:\n{}",
+                self.seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends `signal` to the pipeline process.
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    /// Waits for the pipeline to end (four minutes at most): its status and whole output.
+    fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pipeline did not end:\n{}",
+                self.seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        self.reader.join().unwrap();
+        let out = self.seen.lock().unwrap().clone();
+        (status, out)
+    }
+}
+
 #[test]
 fn pipeline_routes_by_tag_isolates_privileges_fails_and_cleans_up() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -205,50 +281,10 @@ fn ctrl_c_cancels_running_jobs_runs_their_after_script_and_deletes_instances() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let group = "e2eb";
     let config = config_in(dir.path(), group);
-    let mut child = podfleet()
-        .args(["pipeline", "--file"])
-        .arg(data("sleep-pipeline.yml"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let seen = Arc::new(Mutex::new(String::new()));
-    let reader = {
-        let seen = seen.clone();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                seen.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !seen.lock().unwrap().contains("started sleeping") {
-        assert!(
-            Instant::now() < deadline,
-            "job never started:\n{}",
-            seen.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let pid = child.id() as i32;
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "podfleet did not stop after SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    reader.join().unwrap();
-    let out = seen.lock().unwrap().clone();
+    let pipeline = Background::start(&data("sleep-pipeline.yml"), &config, &[]);
+    pipeline.wait_for("started sleeping");
+    pipeline.signal(libc::SIGINT);
+    let (status, out) = pipeline.finish();
     assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("job long canceling"), "{out}");
     assert!(
@@ -270,36 +306,12 @@ fn an_instance_that_disappears_mid_job_fails_it_as_a_system_failure_and_the_pipe
     let group = "e2ev";
     let config = config_in(dir.path(), group);
     let report_path = dir.path().join("report.json");
-    let mut child = podfleet()
-        .args(["pipeline", "--file"])
-        .arg(data("vanish-pipeline.yml"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--report")
-        .arg(&report_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let seen = Arc::new(Mutex::new(String::new()));
-    let reader = {
-        let seen = seen.clone();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                seen.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !seen.lock().unwrap().contains("started sleeping") {
-        assert!(
-            Instant::now() < deadline,
-            "job never started:\n{}",
-            seen.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let pipeline = Background::start(
+        &data("vanish-pipeline.yml"),
+        &config,
+        &["--report".as_ref(), report_path.as_os_str()],
+    );
+    pipeline.wait_for("started sleeping");
     let users = instance_users(&format!("{group}u"));
     assert_eq!(users.len(), 1, "{users:?}");
     // The instance goes away: its Podman service, conmon, the job's processes and its SSH
@@ -310,20 +322,7 @@ fn an_instance_that_disappears_mid_job_fails_it_as_a_system_failure_and_the_pipe
         .unwrap();
     assert!(killed.success(), "nothing to kill for {}", users[0]);
 
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pipeline did not end:\n{}",
-            seen.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    reader.join().unwrap();
-    let out = seen.lock().unwrap().clone();
+    let (status, out) = pipeline.finish();
     assert_eq!(status.code(), Some(1), "{out}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
