@@ -486,13 +486,12 @@ async fn jobs_are_routed_by_tags_like_gitlab() {
     no_job(&client, "glrt-pinp").await;
 }
 
-#[tokio::test]
-async fn cancel_all_answers_canceled_once_then_forbidden() {
-    let project = tempfile::tempdir().expect("temp dir");
+/// A pipeline of a long job and a later one, the long job taken, acknowledged and tracing.
+async fn running_long_job(project: &std::path::Path) -> (Handle, Client, JobResponse, JobTrace) {
     let handle = start(
         "long:\n  script: sleep 600\nlater:\n  stage: deploy\n  script: x\n",
         vec![registration(RUNNER_TOKEN, "local runner", &[], true)],
-        project.path(),
+        project,
     )
     .await;
     let client = client(&handle.url);
@@ -507,6 +506,13 @@ async fn cancel_all_answers_canceled_once_then_forbidden() {
             ..JobTraceOptions::for_job(&job)
         },
     );
+    (handle, client, job, trace)
+}
+
+#[tokio::test]
+async fn cancel_all_answers_canceled_once_then_forbidden() {
+    let project = tempfile::tempdir().expect("temp dir");
+    let (handle, client, job, trace) = running_long_job(project.path()).await;
     handle.cancel_all();
     let report = tokio::time::timeout(Duration::from_secs(10), handle.wait())
         .await
@@ -544,24 +550,7 @@ async fn cancel_all_answers_canceled_once_then_forbidden() {
 #[tokio::test]
 async fn a_graceful_cancel_lets_the_runner_finish_after_script_then_ends_canceled() {
     let project = tempfile::tempdir().expect("temp dir");
-    let handle = start(
-        "long:\n  script: sleep 600\nlater:\n  stage: deploy\n  script: x\n",
-        vec![registration(RUNNER_TOKEN, "local runner", &[], true)],
-        project.path(),
-    )
-    .await;
-    let client = client(&handle.url);
-    let job = take_job(&client, RUNNER_TOKEN).await;
-    acknowledge(&client, &job).await;
-    let trace = JobTrace::start(
-        client.clone(),
-        job.id,
-        job.token.expose(),
-        JobTraceOptions {
-            update_interval: Duration::from_millis(20),
-            ..JobTraceOptions::for_job(&job)
-        },
-    );
+    let (handle, client, job, trace) = running_long_job(project.path()).await;
     trace.write(b"working\n");
     handle.cancel_all_gracefully();
     let snapshot = handle.snapshot();
