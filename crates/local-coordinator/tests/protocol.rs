@@ -550,7 +550,7 @@ async fn cancel_all_answers_canceled_once_then_forbidden() {
 #[tokio::test]
 async fn a_graceful_cancel_lets_the_runner_finish_after_script_then_ends_canceled() {
     let project = tempfile::tempdir().expect("temp dir");
-    let (handle, client, job, trace) = running_long_job(project.path()).await;
+    let (handle, _client, job, trace) = running_long_job(project.path()).await;
     trace.write(b"working\n");
     handle.cancel_all_gracefully();
     let snapshot = handle.snapshot();
