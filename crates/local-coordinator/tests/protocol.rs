@@ -486,6 +486,18 @@ async fn jobs_are_routed_by_tags_like_gitlab() {
     no_job(&client, "glrt-pinp").await;
 }
 
+/// Waits until the trace's uploader has heard `wanted` from the coordinator.
+async fn wait_for_remote(trace: &JobTrace, wanted: RemoteState) {
+    let mut state = trace.remote_state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|state| *state == wanted),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{wanted:?} not heard within 10s"))
+    .expect("trace alive");
+}
+
 /// A pipeline of a long job and a later one, the long job taken, acknowledged and tracing.
 async fn running_long_job(project: &std::path::Path) -> (Handle, Client, JobResponse, JobTrace) {
     let handle = start(
@@ -528,14 +540,7 @@ async fn cancel_all_answers_canceled_once_then_forbidden() {
     );
 
     trace.write(b"still working\n");
-    let mut state = trace.remote_state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|state| *state == RemoteState::Abort),
-    )
-    .await
-    .expect("abort noticed")
-    .expect("trace alive");
+    wait_for_remote(&trace, RemoteState::Abort).await;
     assert!(matches!(
         trace.finish(JobOutcome::Success).await,
         Err(CoordinatorError::JobAborted { .. })
@@ -565,14 +570,7 @@ async fn a_graceful_cancel_lets_the_runner_finish_after_script_then_ends_cancele
         "a job no runner holds ends at once"
     );
 
-    let mut state = trace.remote_state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|state| *state == RemoteState::Canceling),
-    )
-    .await
-    .expect("canceling noticed")
-    .expect("trace alive");
+    wait_for_remote(&trace, RemoteState::Canceling).await;
     // The runner keeps its token while canceling: after_script output still lands.
     trace.write(b"after_script ran\n");
     trace

@@ -615,13 +615,17 @@ impl Poller {
                     .get(&runner.config.name)
                     .unwrap_or_else(|| runner.config.token.clone());
                 // Held only around the request, not across it: requests run side by side.
-                let mut last_update = lock_ignoring_poison(&self.last_update).clone();
+                let mut last_update = self
+                    .last_update
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let answer = runner
                     .client
                     .request_job(token.expose(), &mut last_update)
                     .await;
                 if last_update.is_some() {
-                    *lock_ignoring_poison(&self.last_update) = last_update;
+                    *self.last_update.lock().unwrap_or_else(|e| e.into_inner()) = last_update;
                 }
                 match answer {
                     Ok(Some(payload)) => {
@@ -647,12 +651,6 @@ impl Poller {
         }
         while jobs.join_next().await.is_some() {}
     }
-}
-
-fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Permits standing for "no limit": large, yet small enough to grow and shrink from.
