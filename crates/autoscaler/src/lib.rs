@@ -480,6 +480,9 @@ impl Autoscaler {
             let changed = self.inner.changed.notified();
             if let Some(acquisition) = self.try_take_slot(job) {
                 let mut state = self.inner.lock();
+                // An announced job that starts is no longer to come: the capacity kept for it
+                // is in use (the next announcement, if any, says it again).
+                state.announced = state.announced.saturating_sub(1);
                 state.metrics.acquisitions += 1;
                 state
                     .metrics
@@ -544,7 +547,8 @@ impl Autoscaler {
 
     /// Announces that about `jobs` jobs will start soon, beyond those running (a local
     /// pipeline knows its stages in advance): idle capacity is kept for them, on top of the
-    /// policy's, until the announcement changes. Limits hold.
+    /// policy's, until the announcement changes; each job that takes a slot counts one
+    /// off. Limits hold.
     pub fn announce(&self, jobs: usize) {
         let changed = {
             let mut state = self.inner.lock();
@@ -724,7 +728,10 @@ impl Autoscaler {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200).min(interval)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200).min(interval)) => {}
+                () = self.inner.provider.changed() => {}
+            }
         }
         tracing::warn!(
             "instances still present after the shutdown deletion deadline; the ledger keeps them for the next start"
@@ -861,7 +868,11 @@ async fn run_loop(inner: Arc<Inner>) {
             let backoff = base * (1 << state.provider_failures.min(8));
             backoff.min(MAX_PROVIDER_BACKOFF.max(base))
         };
-        let _ = tokio::time::timeout(interval, inner.wake.notified()).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = inner.wake.notified() => {}
+            () = inner.provider.changed() => {}
+        }
     }
 }
 

@@ -518,6 +518,25 @@ async fn announced_jobs_get_their_instances_ahead_within_the_limits() {
     scaler.shutdown().await;
 }
 
+/// The announced job takes the instance made for it before the pipeline says it started:
+/// that job used up its announcement, so no instance is made for it a second time.
+#[tokio::test(start_paused = true)]
+async fn a_job_taking_a_slot_uses_up_its_announcement() {
+    let group = Arc::new(MemoryGroup::default());
+    let scaler = Autoscaler::start(group.clone(), always_ready(), settings(0, 3));
+    scaler.announce(1);
+    eventually("an instance for the announced job", || scaler.has_room()).await;
+    let job = scaler.acquire(Duration::from_secs(60)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        group.get(|s| s.increase_calls.clone()),
+        [1],
+        "one instance for one announced job"
+    );
+    scaler.release(&job, true);
+    scaler.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn preemptive_mode_takes_jobs_only_with_a_ready_idle_slot() {
     let group = Arc::new(MemoryGroup::default());

@@ -30,73 +30,163 @@ pub(crate) fn wrap(argv: &[String]) -> Vec<String> {
     command
 }
 
-/// Passes a stage's stderr through, taking out the status line.
-#[derive(Debug, Default)]
-pub(crate) struct ExitMarker {
-    /// Bytes that may begin a status line, held until more arrive.
-    held: Vec<u8>,
-    code: Option<i32>,
+/// What a stage's output turns into for the trace.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// Bytes to show.
+    Shown(Vec<u8>),
+    /// One of several helper stages in the container ended with this status (see
+    /// `HelperBatch`): what follows is the next stage's output.
+    StageEnd(i32),
 }
 
-impl ExitMarker {
-    /// The stderr bytes to show, out of `bytes` and what was held back before.
-    pub(crate) fn stderr(&mut self, bytes: &[u8]) -> Vec<u8> {
+/// Finds the lines that begin with `marker` and end in a status, in a stream cut anywhere.
+#[derive(Debug)]
+struct StatusLines {
+    marker: &'static [u8],
+    /// Bytes that may begin a status line, held until more arrive.
+    held: Vec<u8>,
+}
+
+impl StatusLines {
+    fn new(marker: &'static [u8]) -> Self {
+        Self {
+            marker,
+            held: Vec::new(),
+        }
+    }
+
+    /// `bytes` (after what was held back) as text to show and statuses (as
+    /// [`Piece::StageEnd`]), in stream order.
+    fn scan(&mut self, bytes: &[u8]) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        let marker = self.marker;
         let mut data = std::mem::take(&mut self.held);
         data.extend_from_slice(bytes);
         let mut shown = Vec::with_capacity(data.len());
         let mut rest = &data[..];
-        loop {
-            let Some(at) = find(rest, MARKER) else {
+        let held = loop {
+            let Some(at) = find(rest, marker) else {
                 // Hold back the longest end that could begin a status line.
-                let keep = (1..MARKER.len().min(rest.len() + 1))
+                let keep = (1..marker.len().min(rest.len() + 1))
                     .rev()
-                    .find(|&n| rest.ends_with(&MARKER[..n]))
+                    .find(|&n| rest.ends_with(&marker[..n]))
                     .unwrap_or(0);
                 shown.extend_from_slice(&rest[..rest.len() - keep]);
-                self.held = rest[rest.len() - keep..].to_vec();
-                return shown;
+                break rest[rest.len() - keep..].to_vec();
             };
             shown.extend_from_slice(&rest[..at]);
-            let after = &rest[at + MARKER.len()..];
+            let after = &rest[at + marker.len()..];
             match after.iter().position(|&b| b == b'\n') {
                 Some(end) => match parse(&after[..end]) {
                     Some(code) => {
-                        self.code = Some(code);
+                        if !shown.is_empty() {
+                            pieces.push(Piece::Shown(std::mem::take(&mut shown)));
+                        }
+                        pieces.push(Piece::StageEnd(code));
                         rest = &after[end + 1..];
                     }
                     None => {
                         // Not a status line after all: show it.
-                        shown.extend_from_slice(&rest[at..at + MARKER.len()]);
+                        shown.extend_from_slice(&rest[at..at + marker.len()]);
                         rest = after;
                     }
                 },
                 None if after.len() <= MAX_CODE_LEN
                     && after.iter().all(|b| b.is_ascii_digit() || *b == b'-') =>
                 {
-                    self.held = rest[at..].to_vec();
-                    return shown;
+                    break rest[at..].to_vec();
                 }
                 None => {
-                    shown.extend_from_slice(&rest[at..at + MARKER.len()]);
+                    shown.extend_from_slice(&rest[at..at + marker.len()]);
                     rest = after;
                 }
             }
+        };
+        self.held = held;
+        if !shown.is_empty() {
+            pieces.push(Piece::Shown(shown));
+        }
+        pieces
+    }
+}
+
+/// Passes a stage's output through, taking out its exit status line (stderr) and, for
+/// several helper stages in one container, the lines that end each stage (stdout).
+#[derive(Debug)]
+pub(crate) struct ExitMarker {
+    exit: StatusLines,
+    stage_ends: Option<StatusLines>,
+    code: Option<i32>,
+}
+
+impl Default for ExitMarker {
+    fn default() -> Self {
+        Self {
+            exit: StatusLines::new(MARKER),
+            stage_ends: None,
+            code: None,
+        }
+    }
+}
+
+impl ExitMarker {
+    /// Also reads stage ends: lines on stdout beginning with `marker`, then the status.
+    pub(crate) fn with_stage_ends(marker: &'static str) -> Self {
+        Self {
+            stage_ends: Some(StatusLines::new(marker.as_bytes())),
+            ..Self::default()
         }
     }
 
-    /// The bytes of `output` the trace shows: stderr without the status line.
-    pub(crate) fn shown(&mut self, output: bollard::container::LogOutput) -> Vec<u8> {
+    /// The stderr bytes to show, out of `bytes` and what was held back before.
+    pub(crate) fn stderr(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut shown = Vec::new();
+        for piece in self.exit.scan(bytes) {
+            match piece {
+                Piece::Shown(bytes) => shown.extend(bytes),
+                // On stderr, the status is the container's exit status.
+                Piece::StageEnd(code) => self.code = Some(code),
+            }
+        }
+        shown
+    }
+
+    /// What `output` shows in the trace, and the stage ends in it, in order.
+    pub(crate) fn pieces(&mut self, output: bollard::container::LogOutput) -> Vec<Piece> {
         use bollard::container::LogOutput;
         match output {
-            LogOutput::StdErr { message } => self.stderr(&message),
-            LogOutput::StdOut { message } | LogOutput::Console { message } => message.to_vec(),
+            LogOutput::StdErr { message } => vec![Piece::Shown(self.stderr(&message))],
+            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                match self.stage_ends.as_mut() {
+                    Some(lines) => lines.scan(&message),
+                    None => vec![Piece::Shown(message.to_vec())],
+                }
+            }
             LogOutput::StdIn { .. } => Vec::new(),
         }
     }
 
+    /// The bytes of `output` the trace shows (stage ends dropped).
+    pub(crate) fn shown(&mut self, output: bollard::container::LogOutput) -> Vec<u8> {
+        self.pieces(output)
+            .into_iter()
+            .flat_map(|piece| match piece {
+                Piece::Shown(bytes) => bytes,
+                Piece::StageEnd(_) => Vec::new(),
+            })
+            .collect()
+    }
+
     /// What is still held back, to show once the output has ended.
     pub(crate) fn finish(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.held)
+        let mut held = self
+            .stage_ends
+            .as_mut()
+            .map(|lines| std::mem::take(&mut lines.held))
+            .unwrap_or_default();
+        held.append(&mut self.exit.held);
+        held
     }
 
     /// The status the stage reported, if it did.
@@ -147,6 +237,36 @@ mod tests {
         assert_eq!(run(&[text]), (text.to_vec(), None));
         let nul_at_end: &[u8] = b"binary \0";
         assert_eq!(run(&[nul_at_end]), (nul_at_end.to_vec(), None));
+    }
+
+    #[test]
+    fn stage_ends_on_stdout_come_out_in_order_with_the_output() {
+        use bollard::container::LogOutput;
+        let mut marker = ExitMarker::with_stage_ends("\0podfleet-stage-end:");
+        let out = |text: &'static [u8]| LogOutput::StdOut {
+            message: text.into(),
+        };
+        let mut pieces = marker.pieces(out(b"cache restored\n\0podfleet-stage"));
+        pieces.extend(marker.pieces(out(b"-end:0\nartifacts\n")));
+        pieces.extend(marker.pieces(LogOutput::StdErr {
+            message: b"\0podfleet-exit:1\n"[..].into(),
+        }));
+        assert_eq!(
+            pieces,
+            [
+                Piece::Shown(b"cache restored\n".to_vec()),
+                Piece::StageEnd(0),
+                Piece::Shown(b"artifacts\n".to_vec()),
+                Piece::Shown(Vec::new()),
+            ]
+        );
+        assert_eq!(marker.code(), Some(1));
+        // Without stage ends, the same line on stdout is ordinary output.
+        let mut plain = ExitMarker::default();
+        assert_eq!(
+            plain.shown(out(b"\0podfleet-stage-end:0\n")),
+            b"\0podfleet-stage-end:0\n"
+        );
     }
 
     proptest! {

@@ -32,6 +32,7 @@ use bollard::query_parameters::{
     LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
     UploadToContainerOptions, WaitContainerOptions,
 };
+use exit_marker::Piece;
 use futures_util::StreamExt;
 use podfleet_config::{DockerConfig, PullPolicy};
 use podfleet_connector::{Connection, Tunnel};
@@ -102,6 +103,19 @@ pub struct HelperPlan {
     /// Where the job file goes in the helper container (absolute).
     pub job_file_path: String,
     pub stages: Vec<HelperStage>,
+    /// Set when the helper runs consecutive stages in one container (podfleet's own), which
+    /// saves a container per stage.
+    pub batch: Option<HelperBatch>,
+}
+
+/// How one helper container runs several stages in a row.
+#[derive(Clone, Copy, Debug)]
+pub struct HelperBatch {
+    /// The container's command for these stages, in this order.
+    pub argv: fn(&[HelperStageKind]) -> Vec<String>,
+    /// Each stage but the last ends in a line on stdout: this, its exit status, a newline.
+    /// A failing stage ends the container instead, with its status.
+    pub stage_end: &'static str,
 }
 
 impl std::fmt::Debug for HelperPlan {
@@ -111,6 +125,7 @@ impl std::fmt::Debug for HelperPlan {
             .field("loadable", &self.archive.is_some())
             .field("job_file_path", &self.job_file_path)
             .field("stages", &self.stages)
+            .field("batch", &self.batch.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -300,7 +315,7 @@ impl Executor {
         let prepare = async {
             match job.helper.as_ref().filter(|plan| !plan.stages.is_empty()) {
                 Some(plan) => {
-                    let helper = self.ensure_helper_image(plan, config, trace);
+                    let helper = self.ensure_helper_image(plan, config, resources, trace);
                     tokio::join!(self.prepare(job, config, resources, trace), helper).0
                 }
                 None => self.prepare(job, config, resources, trace).await,
@@ -328,26 +343,23 @@ impl Executor {
             grace: job.stop_grace,
         };
         let mut outcome = JobOutcome::Success;
-        for kind in [
+        let before_script = [
             HelperStageKind::GetSources,
             HelperStageKind::RestoreCache,
             HelperStageKind::DownloadArtifacts,
-        ] {
-            let stage = self
-                .helper_stage(
-                    job,
-                    config,
-                    resources,
-                    kind,
-                    trace,
-                    &sections,
-                    &stops(true, left()),
-                )
-                .await;
-            if let Some(failed) = stage {
-                outcome = failed;
-                break;
-            }
+        ];
+        let stages = HelperStages {
+            job,
+            config,
+            resources,
+            trace,
+            sections: &sections,
+        };
+        if let Some(failed) = self
+            .helper_stages(&stages, &before_script, &stops(true, left()))
+            .await
+        {
+            outcome = failed;
         }
         if outcome == JobOutcome::Success {
             sections.start(
@@ -416,25 +428,14 @@ impl Executor {
                     HelperStageKind::UploadArtifactsOnFailure,
                 )
             };
-            for kind in [cache, upload] {
-                // These run past a graceful cancel and the job's timeout, like after_script.
-                let limit = left().max(job.after_script_timeout);
-                let stage = self
-                    .helper_stage(
-                        job,
-                        config,
-                        resources,
-                        kind,
-                        trace,
-                        &sections,
-                        &stops(false, limit),
-                    )
-                    .await;
-                if let Some(failed) = stage
-                    && succeeded
-                {
-                    outcome = failed;
-                }
+            // These run past a graceful cancel and the job's timeout, like after_script.
+            let limit = left().max(job.after_script_timeout);
+            if let Some(failed) = self
+                .helper_stages(&stages, &[cache, upload], &stops(false, limit))
+                .await
+                && succeeded
+            {
+                outcome = failed;
             }
         }
         if job.variables.iter().any(|v| v.file) && !cancel.hard.is_cancelled() {
@@ -660,31 +661,130 @@ impl Executor {
         trace(b"\n");
     }
 
-    /// One helper stage, if the plan has work for it. `Some(outcome)` when it fails the job.
-    #[allow(clippy::too_many_arguments)]
-    async fn helper_stage(
+    /// The helper stages of `kinds` the plan has work for, in order: in one container when
+    /// the helper can run several, else one container each. `Some(outcome)` when one fails
+    /// the job; the stages after it do not run.
+    async fn helper_stages(
         &self,
-        job: &JobSpec,
-        config: &DockerConfig,
-        resources: &JobResources,
-        kind: HelperStageKind,
-        trace: &TraceSink,
-        sections: &Sections,
+        stages: &HelperStages<'_>,
+        kinds: &[HelperStageKind],
         stops: &Stops<'_>,
     ) -> Option<JobOutcome> {
-        let plan = job.helper.as_ref()?;
-        let stage = plan.stages.iter().find(|s| s.kind == kind)?;
-        sections.start(kind.section(), kind.header());
-        let outcome = self
-            .run_helper(job, config, resources, plan, stage, trace, stops)
-            .await;
-        sections.end(kind.section());
+        let plan = stages.job.helper.as_ref()?;
+        let planned: Vec<&HelperStage> = kinds
+            .iter()
+            .filter_map(|kind| plan.stages.iter().find(|s| s.kind == *kind))
+            .collect();
+        match plan.batch {
+            Some(batch) if planned.len() > 1 => {
+                self.run_helper(stages, plan, &planned, Some(batch), stops)
+                    .await
+            }
+            _ => {
+                for stage in planned {
+                    if let Some(failed) = self.run_helper(stages, plan, &[stage], None, stops).await
+                    {
+                        return Some(failed);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// One helper container running `planned` (more than one only with `batch`), each stage
+    /// in its own trace section. `Some(outcome)` when a stage fails the job.
+    async fn run_helper(
+        &self,
+        stages: &HelperStages<'_>,
+        plan: &HelperPlan,
+        planned: &[&HelperStage],
+        batch: Option<HelperBatch>,
+        stops: &Stops<'_>,
+    ) -> Option<JobOutcome> {
+        let HelperStages {
+            job,
+            config,
+            resources,
+            trace,
+            sections,
+        } = *stages;
+        let first = planned.first()?;
+        sections.start(first.kind.section(), first.kind.header());
+        // Which stage is running: a stage end line moves on to the next.
+        let current = std::sync::atomic::AtomicUsize::new(0);
+        let outcome = match self
+            .ensure_helper_image(plan, config, resources, trace)
+            .await
+        {
+            Err(reason) => JobOutcome::SystemFailure(reason),
+            Ok(()) => {
+                let argv = match batch {
+                    Some(batch) => {
+                        (batch.argv)(&planned.iter().map(|s| s.kind).collect::<Vec<_>>())
+                    }
+                    None => first.argv.clone(),
+                };
+                let role = first.kind.section().replace('_', "-");
+                let name = resources.container(&role);
+                // podfleet's own helper image has a shell to report the exit status with.
+                let cmd = if plan.archive.is_some() {
+                    exit_marker::wrap(&argv)
+                } else {
+                    argv
+                };
+                let body = ContainerCreateBody {
+                    image: Some(plan.image.clone()),
+                    cmd: Some(cmd),
+                    labels: Some(resources.labels()),
+                    working_dir: Some(job.builds_dir.clone()),
+                    host_config: Some(HostConfig {
+                        binds: Some(resources.binds(job)),
+                        // The helper talks to the coordinator, git and cache servers the
+                        // instance reaches.
+                        network_mode: Some("host".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                let job_file = (
+                    plan.job_file_path.trim_start_matches('/'),
+                    &plan.job_file[..],
+                    0o600,
+                );
+                let stage_ends = batch.map(|batch| StageEnds {
+                    marker: batch.stage_end,
+                    on_end: Box::new(|code: i32| {
+                        let at = current.load(std::sync::atomic::Ordering::SeqCst);
+                        let Some(ended) = planned.get(at) else {
+                            return;
+                        };
+                        if code != 0 {
+                            say_warning(
+                                trace,
+                                &format!("{} failed with exit code {code}", ended.kind.section()),
+                            );
+                        }
+                        sections.end(ended.kind.section());
+                        if let Some(next) = planned.get(at + 1) {
+                            current.store(at + 1, std::sync::atomic::Ordering::SeqCst);
+                            sections.start(next.kind.section(), next.kind.header());
+                        }
+                    }),
+                });
+                resources.record(&name);
+                self.container_stage(&name, body, job_file, stage_ends, trace, stops)
+                    .await
+            }
+        };
+        let last = planned[current.load(std::sync::atomic::Ordering::SeqCst)];
+        sections.end(last.kind.section());
         match outcome {
             JobOutcome::Success => None,
-            JobOutcome::ScriptFailure { exit_code } if !kind.failure_fails_job() => {
+            JobOutcome::ScriptFailure { exit_code } if !last.kind.failure_fails_job() => {
                 say_warning(
                     trace,
-                    &format!("{} failed with exit code {exit_code}", kind.section()),
+                    &format!("{} failed with exit code {exit_code}", last.kind.section()),
                 );
                 None
             }
@@ -692,67 +792,33 @@ impl Executor {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn run_helper(
-        &self,
-        job: &JobSpec,
-        config: &DockerConfig,
-        resources: &JobResources,
-        plan: &HelperPlan,
-        stage: &HelperStage,
-        trace: &TraceSink,
-        stops: &Stops<'_>,
-    ) -> JobOutcome {
-        if let Err(reason) = self.ensure_helper_image(plan, config, trace).await {
-            return JobOutcome::SystemFailure(reason);
-        }
-        let role = stage.kind.section().replace('_', "-");
-        let name = resources.container(&role);
-        // podfleet's own helper image has a shell to report the exit status with.
-        let cmd = if plan.archive.is_some() {
-            exit_marker::wrap(&stage.argv)
-        } else {
-            stage.argv.clone()
-        };
-        let body = ContainerCreateBody {
-            image: Some(plan.image.clone()),
-            cmd: Some(cmd),
-            labels: Some(resources.labels()),
-            working_dir: Some(job.builds_dir.clone()),
-            host_config: Some(HostConfig {
-                binds: Some(resources.binds(job)),
-                // The helper talks to the coordinator, git and cache servers the instance
-                // reaches.
-                network_mode: Some("host".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let job_file = (
-            plan.job_file_path.trim_start_matches('/'),
-            &plan.job_file[..],
-            0o600,
-        );
-        resources.record(&name);
-        self.container_stage(&name, body, job_file, trace, stops)
-            .await
-    }
-
+    /// The helper image on the instance, checked (and pulled or loaded) once per job.
     async fn ensure_helper_image(
         &self,
         plan: &HelperPlan,
         config: &DockerConfig,
+        resources: &JobResources,
         trace: &TraceSink,
     ) -> Result<(), String> {
-        let Some(archive) = plan.archive else {
-            let policies = pull_policies(&[], config)?;
-            return self.ensure_image(&plan.image, &policies, &[], trace).await;
-        };
-        if self.docker.inspect_image(&plan.image).await.is_ok() {
+        use std::sync::atomic::Ordering;
+        if resources.helper_ready.load(Ordering::SeqCst) {
             return Ok(());
         }
-        say(trace, &format!("Loading helper image {} ...", plan.image));
-        self.load_helper_image(&plan.image, archive).await
+        let result = match plan.archive {
+            None => match pull_policies(&[], config) {
+                Ok(policies) => self.ensure_image(&plan.image, &policies, &[], trace).await,
+                Err(reason) => Err(reason),
+            },
+            Some(_) if self.docker.inspect_image(&plan.image).await.is_ok() => Ok(()),
+            Some(archive) => {
+                say(trace, &format!("Loading helper image {} ...", plan.image));
+                self.load_helper_image(&plan.image, archive).await
+            }
+        };
+        if result.is_ok() {
+            resources.helper_ready.store(true, Ordering::SeqCst);
+        }
+        result
     }
 
     /// Loads podfleet's own helper image `image` from `archive` unless the instance has it
@@ -806,7 +872,8 @@ impl Executor {
         let script = format!("{}{script}", exit_marker::SHELL_TRAP);
         let file = (&script_path[1..], script.as_bytes(), 0o700);
         resources.record(&name);
-        self.container_stage(&name, body, file, trace, stops).await
+        self.container_stage(&name, body, file, None, trace, stops)
+            .await
     }
 
     /// Creates the container, uploads its file, starts it and follows it to its exit, a stop
@@ -816,11 +883,12 @@ impl Executor {
         name: &str,
         body: ContainerCreateBody,
         file: (&str, &[u8], u32),
+        stage_ends: Option<StageEnds<'_>>,
         trace: &TraceSink,
         stops: &Stops<'_>,
     ) -> JobOutcome {
         let image = body.image.clone().unwrap_or_default();
-        let run = self.follow_container(name, &image, body, file, trace);
+        let run = self.follow_container(name, &image, body, file, stage_ends, trace);
         tokio::pin!(run);
         let graceful = async {
             if stops.graceful {
@@ -939,6 +1007,7 @@ impl Executor {
         image: &str,
         body: ContainerCreateBody,
         file: (&str, &[u8], u32),
+        stage_ends: Option<StageEnds<'_>>,
         trace: &TraceSink,
     ) -> JobOutcome {
         let options = CreateContainerOptions {
@@ -988,7 +1057,8 @@ impl Executor {
                 (Box::pin(self.docker.logs(name, Some(logs))), false)
             }
         };
-        self.follow_to_end(name, stream, attached, trace).await
+        self.follow_to_end(name, stream, attached, stage_ends, trace)
+            .await
     }
 
     /// Follows a started container's output (`stream`: its attach stream, or its followed
@@ -999,6 +1069,7 @@ impl Executor {
         name: &str,
         mut stream: OutputStream,
         attached: bool,
+        mut stage_ends: Option<StageEnds<'_>>,
         trace: &TraceSink,
     ) -> JobOutcome {
         let mut wait = self
@@ -1008,7 +1079,10 @@ impl Executor {
         // Podman's follow stream can stay open after a fast exit, so once the container
         // has exited the log is drained for a short grace period only.
         let mut exit = None;
-        let mut marker = exit_marker::ExitMarker::default();
+        let mut marker = match &stage_ends {
+            Some(ends) => exit_marker::ExitMarker::with_stage_ends(ends.marker),
+            None => exit_marker::ExitMarker::default(),
+        };
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut drain_cap = tokio::time::Instant::now();
         loop {
@@ -1021,9 +1095,16 @@ impl Executor {
             tokio::select! {
                 item = stream.next() => match item {
                     Some(Ok(output)) => {
-                        let shown = marker.shown(output);
-                        if !shown.is_empty() {
-                            trace(&shown);
+                        for piece in marker.pieces(output) {
+                            match piece {
+                                Piece::Shown(shown) if !shown.is_empty() => trace(&shown),
+                                Piece::Shown(_) => {}
+                                Piece::StageEnd(code) => {
+                                    if let Some(ends) = stage_ends.as_mut() {
+                                        (ends.on_end)(code);
+                                    }
+                                }
+                            }
                         }
                         // After the exit, keep draining while output still flows.
                         if let Some(deadline) = drain_until.as_mut() {
@@ -1087,6 +1168,23 @@ impl Executor {
             None => JobOutcome::SystemFailure(format!("wait for {name}: no answer")),
         }
     }
+}
+
+/// What every helper stage of a job needs.
+#[derive(Clone, Copy)]
+struct HelperStages<'a> {
+    job: &'a JobSpec,
+    config: &'a DockerConfig,
+    resources: &'a JobResources,
+    trace: &'a TraceSink,
+    sections: &'a Sections,
+}
+
+/// Several helper stages in one container: the line that ends each but the last (see
+/// [`HelperBatch`]), and what to do at each end.
+pub(crate) struct StageEnds<'a> {
+    marker: &'static str,
+    on_end: Box<dyn FnMut(i32) + Send + 'a>,
 }
 
 /// A container's output as the engine streams it (attach or log follow).
@@ -1331,6 +1429,8 @@ struct JobResources {
     uses_network: bool,
     containers: std::sync::Mutex<Vec<String>>,
     network_created: std::sync::atomic::AtomicBool,
+    /// The helper image was found (or pulled, or loaded) for this job.
+    helper_ready: std::sync::atomic::AtomicBool,
 }
 
 impl JobResources {
@@ -1344,6 +1444,7 @@ impl JobResources {
             uses_network: job.network_per_build || !job.services.is_empty(),
             containers: Default::default(),
             network_created: Default::default(),
+            helper_ready: Default::default(),
         }
     }
 
@@ -1385,28 +1486,36 @@ impl JobResources {
             .lock()
             .map(|c| c.clone())
             .unwrap_or_default();
-        for name in containers {
+        // All at once: Podman removes each under its own lock, and most of a removal is
+        // waiting for the container's exit cleanup.
+        futures_util::future::join_all(containers.iter().map(|name| async move {
             let options = RemoveContainerOptions {
                 force: true,
                 v: true,
                 ..Default::default()
             };
-            if let Err(e) = docker.remove_container(&name, Some(options)).await
+            if let Err(e) = docker.remove_container(name, Some(options)).await
                 && !e.to_string().contains("no such container")
             {
                 tracing::warn!(container = %name, error = %e, "removing job container failed");
             }
-        }
-        let _ = docker
-            .remove_volume(&self.volume, Some(RemoveVolumeOptions { force: true }))
-            .await;
-        if self
-            .network_created
-            .load(std::sync::atomic::Ordering::SeqCst)
-            && let Err(e) = docker.remove_network(&self.network).await
-        {
-            tracing::warn!(network = %self.network, error = %e, "removing job network failed");
-        }
+        }))
+        .await;
+        let volume = async {
+            let _ = docker
+                .remove_volume(&self.volume, Some(RemoveVolumeOptions { force: true }))
+                .await;
+        };
+        let network = async {
+            if self
+                .network_created
+                .load(std::sync::atomic::Ordering::SeqCst)
+                && let Err(e) = docker.remove_network(&self.network).await
+            {
+                tracing::warn!(network = %self.network, error = %e, "removing job network failed");
+            }
+        };
+        tokio::join!(volume, network);
     }
 }
 

@@ -193,7 +193,7 @@ impl Executor {
             ..Default::default()
         };
         let stream: OutputStream = Box::pin(self.docker.logs(name, Some(options)));
-        self.follow_to_end(name, stream, false, trace).await
+        self.follow_to_end(name, stream, false, None, trace).await
     }
 }
 

@@ -4,11 +4,11 @@
 //! (the reason is the last line on stderr), 2 the job file is missing or invalid.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::job::HelperJob;
-use crate::stage::{EXIT_BAD_INPUT, EXIT_STAGE_FAILED, Stage};
+use crate::stage::{EXIT_BAD_INPUT, EXIT_STAGE_FAILED, STAGE_END_MARKER, Stage};
 use crate::{artifacts, cache, sources};
 
 /// Arguments of `podfleet helper`.
@@ -41,10 +41,11 @@ pub async fn run(args: HelperArgs) -> ExitCode {
         eprintln!("podfleet helper: give a stage and a job file");
         return ExitCode::from(EXIT_BAD_INPUT as u8);
     };
-    let Some(stage) = Stage::from_name(&stage_name) else {
+    let Some(stages) = Stage::parse_list(&stage_name) else {
         let names: Vec<&str> = Stage::ALL.iter().map(Stage::name).collect();
         eprintln!(
-            "podfleet helper: unknown stage {stage_name:?}; use one of {}",
+            "podfleet helper: unknown stage in {stage_name:?}; use one of {} (several: \
+             joined by commas)",
             names.join(", ")
         );
         return ExitCode::from(EXIT_BAD_INPUT as u8);
@@ -60,26 +61,37 @@ pub async fn run(args: HelperArgs) -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    match run_stage(stage, &job, &mut stdout).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(reason) => {
-            let _ = stdout.flush();
-            eprintln!("ERROR: {}: {reason}", stage.name());
-            ExitCode::from(EXIT_STAGE_FAILED as u8)
+    for (n, stage) in stages.iter().enumerate() {
+        let code = match run_stage(*stage, &job, &mut stdout).await {
+            Ok(()) => 0,
+            Err(reason) => {
+                let _ = stdout.flush();
+                eprintln!("ERROR: {}: {reason}", stage.name());
+                EXIT_STAGE_FAILED
+            }
+        };
+        // A stage failing ends the container with its status; the executor reads the
+        // status of each stage before the last from a line on stdout, in order with the
+        // stage's log.
+        if code != 0 || n + 1 == stages.len() {
+            return ExitCode::from(code as u8);
         }
+        let _ = writeln!(stdout, "{STAGE_END_MARKER}{code}");
+        let _ = stdout.flush();
     }
+    ExitCode::SUCCESS
 }
 
 /// Runs `stage` for `job`, logging to `log`; the error is the job's failure reason.
 pub async fn run_stage(stage: Stage, job: &HelperJob, log: &mut dyn Write) -> Result<(), String> {
-    // Scratch space for archives outside the project dir: they must not land in artifacts.
-    let scratch =
-        tempfile_dir().map_err(|error| format!("cannot create a scratch directory: {error}"))?;
+    // Scratch space for archives outside the project dir (they must not land in artifacts),
+    // on the build volume beside it, as gitlab-runner's `<project dir>.tmp`: not in the
+    // container's own filesystem, which a shared read-only helper image cannot write.
+    let scratch = scratch_dir(Path::new(&job.project_dir))
+        .map_err(|error| format!("cannot create a scratch directory: {error}"))?;
     let result = match stage {
-        Stage::GetSources => {
-            sources::get_sources(&job.sources, std::path::Path::new(&job.project_dir), log)
-                .map_err(|error| error.to_string())
-        }
+        Stage::GetSources => sources::get_sources(&job.sources, Path::new(&job.project_dir), log)
+            .map_err(|error| error.to_string()),
         Stage::RestoreCache => {
             cache::restore(job, log).await;
             Ok(())
@@ -99,8 +111,10 @@ pub async fn run_stage(stage: Stage, job: &HelperJob, log: &mut dyn Write) -> Re
     result
 }
 
-fn tempfile_dir() -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
+fn scratch_dir(project_dir: &Path) -> std::io::Result<PathBuf> {
+    let mut tmp = project_dir.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let dir = PathBuf::from(tmp).join(format!(
         "podfleet-helper-{}-{:08x}",
         std::process::id(),
         rand_suffix()

@@ -63,6 +63,28 @@ pub fn docker_archive() -> io::Result<Vec<u8>> {
     docker_archive_of(Path::new("/proc/self/exe"), &default_cache_dir())
 }
 
+/// The helper image of the running binary as an archive file (built and cached when
+/// missing), for loads that read a file (a provider's shared image store).
+pub fn docker_archive_file() -> io::Result<PathBuf> {
+    let cache_dir = default_cache_dir();
+    let cached = cached_archive(&cache_dir, &own_hash()?);
+    if !cached.exists() {
+        docker_archive_of(Path::new("/proc/self/exe"), &cache_dir)?;
+    }
+    if cached.exists() {
+        Ok(cached)
+    } else {
+        Err(io::Error::other(format!(
+            "the helper image archive {} could not be written",
+            cached.display()
+        )))
+    }
+}
+
+fn cached_archive(cache_dir: &Path, hash: &str) -> PathBuf {
+    cache_dir.join(format!("helper-{}.tar", &hash[..16.min(hash.len())]))
+}
+
 /// The running binary's hash, computed once per process (and remembered on disk per file
 /// identity, see [`cached_hash`]).
 fn own_hash() -> io::Result<String> {
@@ -110,7 +132,7 @@ pub fn reference_for_hash(hash: &str) -> String {
 /// `<cache_dir>/helper-<hash>.tar`.
 pub fn docker_archive_of(binary: &Path, cache_dir: &Path) -> io::Result<Vec<u8>> {
     let hash = cached_hash(binary, cache_dir)?;
-    let cached = cache_dir.join(format!("helper-{}.tar", &hash[..16]));
+    let cached = cached_archive(cache_dir, &hash);
     if let Ok(bytes) = fs::read(&cached) {
         return Ok(bytes);
     }
@@ -255,6 +277,23 @@ fn build_archive(binary: &Path, reference: &str) -> io::Result<Vec<u8>> {
             mode: 0o644,
         },
     );
+    // What the container runtime mounts over or links in the root filesystem, present in the
+    // image so that it needs no write there: an image in a shared store (see the local
+    // provider) belongs to a user the container does not map, and its directories cannot be
+    // written.
+    entries.insert(
+        "/etc/mtab".to_owned(),
+        Entry::Symlink("/proc/mounts".to_owned()),
+    );
+    for mount_point in ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"] {
+        entries.insert(
+            mount_point.to_owned(),
+            Entry::Bytes {
+                contents: Vec::new(),
+                mode: 0o644,
+            },
+        );
+    }
     entries.insert(
         "/etc/group".to_owned(),
         Entry::Bytes {
@@ -341,7 +380,11 @@ impl Drop for BinaryCopy {
 fn layer_tar(entries: &BTreeMap<String, Entry>) -> io::Result<Vec<u8>> {
     let mut layer = TarWriter::new(Vec::new());
     let mut directories: std::collections::BTreeSet<String> =
-        ["/tmp", "/etc", "/bin", "/root", "/builds", "/cache"]
+        // No /run: the runtime creates files in it (`.containerenv`), so it must be made by
+        // the runtime, in the container's own writable layer.
+        [
+            "/tmp", "/etc", "/bin", "/root", "/builds", "/cache", "/proc", "/sys", "/dev",
+        ]
             .iter()
             .map(|dir| (*dir).to_owned())
             .collect();

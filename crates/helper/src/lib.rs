@@ -32,4 +32,4 @@ pub use job::{
     GitStrategy, HelperJob, PayloadError, RemoteCache, Sources, SubmoduleStrategy, When,
 };
 pub use s3::{Credentials as S3Credentials, Endpoint as S3Endpoint, SharedCache, presign_url};
-pub use stage::{BINARY_PATH, EXIT_BAD_INPUT, EXIT_STAGE_FAILED, Stage};
+pub use stage::{BINARY_PATH, EXIT_BAD_INPUT, EXIT_STAGE_FAILED, STAGE_END_MARKER, Stage};

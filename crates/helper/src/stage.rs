@@ -11,6 +11,11 @@ pub const EXIT_STAGE_FAILED: i32 = 1;
 /// Exit code when the job file is missing or unreadable (a runner system failure).
 pub const EXIT_BAD_INPUT: i32 = 2;
 
+/// Ends each stage but the last when the helper runs several (`get_sources,download_artifacts`):
+/// this, the stage's exit status and a newline on stdout. A NUL byte begins it, so no log
+/// line looks like it.
+pub const STAGE_END_MARKER: &str = "\0podfleet-stage-end:";
+
 /// A step of a job that runs in the helper container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
@@ -56,6 +61,27 @@ impl Stage {
         Stage::ALL.into_iter().find(|stage| stage.name() == name)
     }
 
+    /// The stages named in a comma-separated list, in its order; `None` when a name is
+    /// unknown or the list is empty.
+    pub fn parse_list(names: &str) -> Option<Vec<Stage>> {
+        names
+            .split(',')
+            .map(Stage::from_name)
+            .collect::<Option<Vec<_>>>()
+    }
+
+    /// The helper container's command for these stages run one after the other in one
+    /// container (see [`STAGE_END_MARKER`]).
+    pub fn batch_argv(stages: &[Stage], job_file: &str) -> Vec<String> {
+        let names: Vec<&str> = stages.iter().map(Stage::name).collect();
+        vec![
+            BINARY_PATH.to_owned(),
+            "helper".to_owned(),
+            names.join(","),
+            job_file.to_owned(),
+        ]
+    }
+
     /// Whether running this stage would do anything for `job`; the executor skips the helper
     /// container when not.
     pub fn has_work(&self, job: &HelperJob) -> bool {
@@ -95,6 +121,29 @@ mod tests {
             assert_eq!(Stage::from_name(stage.name()), Some(stage));
         }
         assert_eq!(Stage::from_name("step_script"), None);
+    }
+
+    #[test]
+    fn lists_of_stages_parse_in_order_and_reject_unknown_names() {
+        assert_eq!(
+            Stage::parse_list("get_sources,download_artifacts"),
+            Some(vec![Stage::GetSources, Stage::DownloadArtifacts])
+        );
+        assert_eq!(
+            Stage::parse_list("restore_cache"),
+            Some(vec![Stage::RestoreCache])
+        );
+        assert_eq!(Stage::parse_list("get_sources,nope"), None);
+        assert_eq!(Stage::parse_list(""), None);
+        let argv = Stage::batch_argv(
+            &[
+                Stage::ArchiveCache { on_success: true },
+                Stage::UploadArtifacts { on_success: true },
+            ],
+            "/job.json",
+        );
+        assert_eq!(argv[2], "archive_cache,upload_artifacts_on_success");
+        assert_eq!(Stage::parse_list(&argv[2]).unwrap().len(), 2);
     }
 
     #[test]

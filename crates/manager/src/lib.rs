@@ -58,6 +58,35 @@ pub enum ManagerEvent {
     },
 }
 
+/// Offers podfleet's helper image to the provider, which may make it available to every
+/// instance at once (the local provider's shared store) instead of a load into each by its
+/// readiness check. Before the runner's first instance: one created during a first share
+/// could see the image half-written.
+async fn share_helper_image(runner: &RunnerConfig, provider: &dyn Provider) {
+    let Some((reference, _)) = spec::own_helper_image(runner) else {
+        return;
+    };
+    let archive = match tokio::task::spawn_blocking(podfleet_helper::image::docker_archive_file)
+        .await
+    {
+        Ok(Ok(archive)) => archive,
+        Ok(Err(error)) => {
+            tracing::warn!(runner = %runner.name, %error, "podfleet's helper image is not shared");
+            return;
+        }
+        Err(_) => return,
+    };
+    match provider.share_image(&archive, &reference).await {
+        Ok(true) => {
+            tracing::debug!(runner = %runner.name, image = %reference, "helper image shared with every instance")
+        }
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(runner = %runner.name, %error, "podfleet's helper image is not shared; each instance loads it")
+        }
+    }
+}
+
 /// One `[[runners]]` entry with the provider of its instances.
 pub struct RunnerSetup {
     pub config: RunnerConfig,
@@ -380,6 +409,7 @@ impl Manager {
                 }
             }
             self.tokens.mark_serving(&setup.config.name);
+            share_helper_image(&setup.config, setup.provider.as_ref()).await;
             let scaler = Autoscaler::start(
                 setup.provider.clone(),
                 match &self.engine {

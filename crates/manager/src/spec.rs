@@ -8,8 +8,8 @@ use podfleet_config::RunnerConfig;
 use podfleet_coordinator::model::{JobResponse, StepWhen};
 use podfleet_executor::auth::parse_docker_auth_config;
 use podfleet_executor::{
-    HelperArchive, HelperPlan, HelperStage, HelperStageKind, JobSpec, RegistryCredential,
-    ServiceSpec, Variable,
+    HelperArchive, HelperBatch, HelperPlan, HelperStage, HelperStageKind, JobSpec,
+    RegistryCredential, ServiceSpec, Variable,
 };
 use podfleet_helper::{HelperJob, Stage};
 
@@ -242,19 +242,7 @@ fn helper_plan(
         .into_iter()
         .filter(|stage| stage.has_work(&job))
         .map(|stage| HelperStage {
-            kind: match stage {
-                Stage::GetSources => HelperStageKind::GetSources,
-                Stage::RestoreCache => HelperStageKind::RestoreCache,
-                Stage::DownloadArtifacts => HelperStageKind::DownloadArtifacts,
-                Stage::ArchiveCache { on_success: true } => HelperStageKind::ArchiveCache,
-                Stage::ArchiveCache { on_success: false } => HelperStageKind::ArchiveCacheOnFailure,
-                Stage::UploadArtifacts { on_success: true } => {
-                    HelperStageKind::UploadArtifactsOnSuccess
-                }
-                Stage::UploadArtifacts { on_success: false } => {
-                    HelperStageKind::UploadArtifactsOnFailure
-                }
-            },
+            kind: stage_kind(stage),
             argv: stage.argv(HELPER_JOB_FILE),
         })
         .collect();
@@ -265,13 +253,40 @@ fn helper_plan(
         Some((image, archive)) => (image, Some(archive)),
         None => (runner.docker.helper_image.clone().unwrap_or_default(), None),
     };
+    // podfleet's own helper (the binary of this build) runs consecutive stages in one
+    // container; a configured helper_image may be an older build that cannot.
+    let batch = archive.is_some().then_some(HelperBatch {
+        argv: batch_argv,
+        stage_end: podfleet_helper::STAGE_END_MARKER,
+    });
     Ok(Some(HelperPlan {
         image,
         archive,
         job_file: job.to_json(),
         job_file_path: HELPER_JOB_FILE.into(),
         stages,
+        batch,
     }))
+}
+
+fn stage_kind(stage: Stage) -> HelperStageKind {
+    match stage {
+        Stage::GetSources => HelperStageKind::GetSources,
+        Stage::RestoreCache => HelperStageKind::RestoreCache,
+        Stage::DownloadArtifacts => HelperStageKind::DownloadArtifacts,
+        Stage::ArchiveCache { on_success: true } => HelperStageKind::ArchiveCache,
+        Stage::ArchiveCache { on_success: false } => HelperStageKind::ArchiveCacheOnFailure,
+        Stage::UploadArtifacts { on_success: true } => HelperStageKind::UploadArtifactsOnSuccess,
+        Stage::UploadArtifacts { on_success: false } => HelperStageKind::UploadArtifactsOnFailure,
+    }
+}
+
+fn batch_argv(kinds: &[HelperStageKind]) -> Vec<String> {
+    let stages: Vec<Stage> = kinds
+        .iter()
+        .filter_map(|kind| Stage::ALL.into_iter().find(|s| stage_kind(*s) == *kind))
+        .collect();
+    Stage::batch_argv(&stages, HELPER_JOB_FILE)
 }
 
 /// A feature flag set as a job variable (Go boolean syntax), which wins over the runner's.

@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use podfleet_config::{DockerConfig, PullPolicy};
-use podfleet_coordinator::model::{Cache, JobResponse, JobVariable, Secret};
+use podfleet_coordinator::model::{
+    ArtifactsFile, Cache, Dependency, JobResponse, JobVariable, Secret,
+};
 use podfleet_executor::auth::parse_docker_auth_config;
 use podfleet_executor::{
-    Cancellation, Executor, HelperPlan, HelperStage, HelperStageKind, JobOutcome, JobSpec,
-    ServiceSpec, TraceSink, Variable,
+    Cancellation, Executor, HelperBatch, HelperPlan, HelperStage, HelperStageKind, JobOutcome,
+    JobSpec, ServiceSpec, TraceSink, Variable,
 };
 use podfleet_helper::{HelperJob, Stage};
 use podfleet_provider::{InstanceId, InstanceState, Provider};
@@ -238,15 +240,21 @@ fn config() -> DockerConfig {
 
 /// `section_start:<unix ts>:<name>` (options in brackets or `\r\e[0K` after the name).
 fn has_marker(trace: &str, kind: &str, name: &str) -> bool {
-    trace.match_indices(&format!("{kind}:")).any(|(at, m)| {
-        let rest = &trace[at + m.len()..];
-        let Some((timestamp, rest)) = rest.split_once(':') else {
-            return false;
-        };
-        timestamp.parse::<u64>().is_ok()
-            && rest.starts_with(name)
-            && matches!(rest.as_bytes().get(name.len()), Some(b'[' | b'\r'))
-    })
+    marker_at(trace, kind, name).is_some()
+}
+
+/// Where [`has_marker`]'s marker first is in `trace`.
+fn marker_at(trace: &str, kind: &str, name: &str) -> Option<usize> {
+    trace
+        .match_indices(&format!("{kind}:"))
+        .find_map(|(at, m)| {
+            let rest = &trace[at + m.len()..];
+            let (timestamp, rest) = rest.split_once(':')?;
+            (timestamp.parse::<u64>().is_ok()
+                && rest.starts_with(name)
+                && matches!(rest.as_bytes().get(name.len()), Some(b'[' | b'\r')))
+            .then_some(at)
+        })
 }
 
 /// Lines the job itself printed (not the echoed `$ command` lines).
@@ -795,7 +803,19 @@ fn helper_plan(payload: &JobResponse, project_dir: &str) -> HelperPlan {
         job_file: job.to_json(),
         job_file_path: job_file.into(),
         stages,
+        batch: Some(HelperBatch {
+            argv: batch_argv,
+            stage_end: podfleet_helper::STAGE_END_MARKER,
+        }),
     }
+}
+
+fn batch_argv(kinds: &[HelperStageKind]) -> Vec<String> {
+    let stages: Vec<Stage> = kinds
+        .iter()
+        .map(|kind| Stage::from_name(kind.section()).unwrap())
+        .collect();
+    Stage::batch_argv(&stages, "/podfleet-helper-job.json")
 }
 
 /// The helper image is loaded into a fresh instance through `POST /images/load`, and a cache
@@ -836,7 +856,27 @@ async fn helper_stages_carry_a_cache_from_one_job_to_the_next() {
     second.helper = Some(helper_plan(&payload, &second.project_dir));
     second.cache_volume = Some(cache_volume.clone());
     let restored = instance.run(&second, &config(), Cancellation::new()).await;
-    let left = instance.leftovers(7301).await.len() + instance.leftovers(7302).await.len();
+
+    // restore_cache and download_artifacts in one container: the first ends in its section,
+    // the second fails (its coordinator is unreachable) and fails the job before the script.
+    payload.id = 7303;
+    payload.dependencies = vec![Dependency {
+        id: 7301,
+        name: "build".into(),
+        token: Secret::new("job-token-7301"),
+        artifacts_file: Some(ArtifactsFile {
+            filename: "artifacts.zip".into(),
+            size: 10,
+        }),
+    }];
+    let mut third = job(7303, &["echo script-ran-7303"]);
+    third.trace_sections = true;
+    third.helper = Some(helper_plan(&payload, &third.project_dir));
+    third.cache_volume = Some(cache_volume.clone());
+    let batched = instance.run(&third, &config(), Cancellation::new()).await;
+    let left = instance.leftovers(7301).await.len()
+        + instance.leftovers(7302).await.len()
+        + instance.leftovers(7303).await.len();
     let _ = instance
         .executor
         .docker()
@@ -874,6 +914,35 @@ async fn helper_stages_carry_a_cache_from_one_job_to_the_next() {
         !restored.trace.contains("Loading helper image"),
         "the helper image is loaded once per instance:\n{}",
         restored.trace
+    );
+    assert!(
+        matches!(batched.outcome, JobOutcome::ScriptFailure { .. }),
+        "{:?}\n{}",
+        batched.outcome,
+        batched.trace
+    );
+    let position = |kind: &str, name: &str| {
+        marker_at(&batched.trace, kind, name)
+            .unwrap_or_else(|| panic!("no {kind} of {name}:\n{}", batched.trace))
+    };
+    let order = [
+        position("section_start", "restore_cache"),
+        position("section_end", "restore_cache"),
+        position("section_start", "download_artifacts"),
+        position("section_end", "download_artifacts"),
+    ];
+    assert!(order.is_sorted(), "{order:?}\n{}", batched.trace);
+    assert!(
+        batched.trace.contains("Restoring cache")
+            && batched.trace.contains("Downloading artifacts"),
+        "{}",
+        batched.trace
+    );
+    assert!(
+        !printed(&batched.trace, "script-ran-7303")
+            && !batched.trace.contains("podfleet-stage-end"),
+        "{}",
+        batched.trace
     );
     assert_eq!(left, 0, "job resources left behind");
 }

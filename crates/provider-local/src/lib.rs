@@ -5,6 +5,7 @@
 //! sockets, processes), so a restarted manager sees the same instances.
 
 mod settings;
+mod shared;
 mod sshd;
 
 use std::collections::HashSet;
@@ -19,6 +20,7 @@ use podfleet_provider::{
     ProviderInstance, SecretString,
 };
 pub use settings::{InstanceCredentials, LocalSettings};
+use shared::SharedStore;
 use sshd::Sshd;
 
 const READY_MARKER: &str = ".podfleet-ready";
@@ -37,6 +39,8 @@ pub struct LocalProvider {
     /// Private key handed out when the provider generated the instances' key pair.
     generated_key: Option<SecretString>,
     in_flight: Arc<Mutex<InFlight>>,
+    /// Signalled when a creation or deletion task ends (`Provider::changed`).
+    changes: Arc<tokio::sync::Notify>,
     /// Serialises useradd/userdel and image archive creation.
     host_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -98,6 +102,7 @@ impl LocalProvider {
             sshd,
             generated_key,
             in_flight: Arc::default(),
+            changes: Arc::default(),
             host_lock: HOST_LOCK.clone(),
         })
     }
@@ -283,8 +288,13 @@ impl Creation {
             .await?;
         let storage = format!(
             "# Written by podfleet's local provider (plugin_config.storage_driver).\n\
-             [storage]\ndriver = \"{}\"\n",
-            self.settings.storage_driver
+             [storage]\ndriver = \"{}\"\n{}",
+            self.settings.storage_driver,
+            self.settings
+                .shares_images()
+                .then(|| SharedStore::new(&self.settings.state_dir).storage_options())
+                .flatten()
+                .unwrap_or_default()
         );
         std::fs::write(containers.join("storage.conf"), storage).map_err(|e| e.to_string())?;
         self.start_podman_service(&account).await?;
@@ -491,16 +501,17 @@ impl Provider for LocalProvider {
             }
             let creation = self.creation();
             let in_flight = self.in_flight.clone();
+            let changes = self.changes.clone();
             tokio::spawn(async move {
                 let result = creation.create(&user).await;
-                let Ok(mut in_flight) = in_flight.lock() else {
-                    return;
-                };
-                in_flight.creating.remove(&user);
-                if let Err(reason) = result {
-                    tracing::warn!(instance = %user, %reason, "local instance creation failed");
-                    in_flight.failed.push((user, reason));
+                if let Ok(mut in_flight) = in_flight.lock() {
+                    in_flight.creating.remove(&user);
+                    if let Err(reason) = result {
+                        tracing::warn!(instance = %user, %reason, "local instance creation failed");
+                        in_flight.failed.push((user, reason));
+                    }
                 }
+                changes.notify_one();
             });
         }
         Ok(count)
@@ -526,6 +537,7 @@ impl Provider for LocalProvider {
             let dir = self.dir.clone();
             let lock = self.host_lock.clone();
             let in_flight = self.in_flight.clone();
+            let changes = self.changes.clone();
             tokio::spawn(async move {
                 if let Err(reason) = delete_instance(&account, &dir, &lock).await {
                     tracing::warn!(instance = %account.name, %reason, "local instance deletion failed; will retry");
@@ -533,9 +545,27 @@ impl Provider for LocalProvider {
                 if let Ok(mut in_flight) = in_flight.lock() {
                     in_flight.deleting.remove(&account.name);
                 }
+                changes.notify_one();
             });
         }
         Ok(accepted)
+    }
+
+    async fn share_image(&self, archive: &Path, reference: &str) -> Result<bool, ProviderError> {
+        // The store is an overlay store: instances on another driver cannot read it.
+        if !self.settings.shares_images() {
+            return Ok(false);
+        }
+        let _guard = self.host_lock.lock().await;
+        SharedStore::new(&self.settings.state_dir)
+            .share(archive, reference)
+            .await
+            .map(|()| true)
+            .map_err(|e| platform(format!("sharing image {reference}: {e}")))
+    }
+
+    async fn changed(&self) {
+        self.changes.notified().await
     }
 
     /// Stops the managed sshd once the group is empty, so a drained group leaves nothing

@@ -65,6 +65,12 @@ fn default_max_size() -> usize {
 }
 
 impl LocalSettings {
+    /// Whether instances read the host's shared image store: it is an overlay store, which
+    /// only overlay instances can read.
+    pub(crate) fn shares_images(&self) -> bool {
+        self.storage_driver == "overlay"
+    }
+
     pub fn from_plugin_config(
         config: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Self, ProviderError> {

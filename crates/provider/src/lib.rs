@@ -6,6 +6,7 @@
 //! existing fleeting plugin binaries all fit behind one trait.
 
 use std::fmt;
+use std::path::Path;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,24 @@ pub trait Provider: Send + Sync {
 
     /// Stops background work of the provider itself (not the instances).
     async fn shutdown(&self) {}
+
+    /// Makes the image `reference`, held in the `docker save` archive `archive`, available to
+    /// every instance of the group without a load into each; `Ok(false)` when the provider
+    /// cannot (the caller then loads it into each instance). A shared image is read-only
+    /// and may belong to a user the instances do not map: it must not write to its own
+    /// filesystem outside its mounts.
+    async fn share_image(&self, archive: &Path, reference: &str) -> Result<bool, ProviderError> {
+        let _ = (archive, reference);
+        Ok(false)
+    }
+
+    /// Resolves when an instance may have changed state on the provider's own time (a
+    /// creation or deletion it runs itself finished), so the caller lists again at once
+    /// instead of at its next tick. A provider that learns states only by listing (a cloud
+    /// API) never resolves. A change before the call is not lost: the next call resolves.
+    async fn changed(&self) {
+        std::future::pending::<()>().await
+    }
 
     /// Per instance, which image it runs and whether that is the group's current image.
     /// Providers without image tracking answer with a [`ProviderError::Platform`] error
