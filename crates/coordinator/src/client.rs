@@ -227,7 +227,8 @@ impl Answer {
 }
 
 /// Normalises a configured GitLab URL the way gitlab-runner does: trailing `/` and a trailing
-/// `/ci` are removed, then `/api/v4/` is appended. Only http and https are accepted.
+/// `/ci` are removed, then `/api/v4/` is appended (unless the URL is already an API root, as
+/// a job recorded for resumption keeps it). Only http and https are accepted.
 pub fn api_base_url(url: &str) -> Result<Url, CoordinatorError> {
     let invalid = |reason: &str| CoordinatorError::InvalidUrl {
         url: url.to_owned(),
@@ -235,6 +236,7 @@ pub fn api_base_url(url: &str) -> Result<Url, CoordinatorError> {
     };
     let trimmed = url.trim().trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/ci").unwrap_or(trimmed);
+    let trimmed = trimmed.strip_suffix("/api/v4").unwrap_or(trimmed);
     let base =
         Url::parse(&format!("{trimmed}/api/v4/")).map_err(|error| invalid(&error.to_string()))?;
     match base.scheme() {
@@ -605,6 +607,11 @@ mod tests {
             (
                 "http://host:8080/gitlab/",
                 "http://host:8080/gitlab/api/v4/",
+            ),
+            // An API root (what a job's record keeps) stays as it is.
+            (
+                "http://127.0.0.1:4000/api/v4/",
+                "http://127.0.0.1:4000/api/v4/",
             ),
         ] {
             let base = api_base_url(input).expect(input);

@@ -355,12 +355,34 @@ impl Executor {
             trace,
             sections: &sections,
         };
-        if let Some(failed) = self
-            .helper_stages(&stages, &before_script, &stops(true, left()))
-            .await
-        {
+        // The script's container is made ready while the helper works: most of a
+        // container's start-up cost is then off the job's path. If a helper stage fails,
+        // it is removed with the rest.
+        let main = stage_script(job, &job.script, None);
+        let helper_stops = stops(true, left());
+        let (failed, build) = tokio::join!(
+            self.helper_stages(&stages, &before_script, &helper_stops),
+            self.prepare_user_stage(job, config, resources, "build", main),
+        );
+        if let Some(failed) = failed {
             outcome = failed;
         }
+        // The helper container for a successful script's caches and artifacts is made ready
+        // while the script runs (if the script fails, it is removed unused).
+        let on_success = job
+            .helper
+            .as_ref()
+            .map(|plan| {
+                helper_runs(
+                    plan,
+                    &[
+                        HelperStageKind::ArchiveCache,
+                        HelperStageKind::UploadArtifactsOnSuccess,
+                    ],
+                )
+            })
+            .unwrap_or_default();
+        let mut ahead = None;
         if outcome == JobOutcome::Success {
             sections.start(
                 "step_script",
@@ -371,18 +393,17 @@ impl Executor {
                 Some(step) if step < left() => (step, step),
                 _ => (left(), job.timeout),
             };
-            let main = stage_script(job, &job.script, None);
-            outcome = self
-                .user_stage(
-                    job,
-                    config,
-                    resources,
-                    "build",
-                    main,
-                    trace,
-                    &stops(true, limit),
-                )
-                .await;
+            let prepare_ahead = async {
+                match (job.helper.as_ref(), on_success.first()) {
+                    (Some(plan), Some(run)) => Some(self.prepare_helper(&stages, plan, run).await),
+                    _ => None,
+                }
+            };
+            let (name, script_stops) = (resources.container("build"), stops(true, limit));
+            (outcome, ahead) = tokio::join!(
+                self.container_stage(&name, std::future::ready(build), None, trace, &script_stops),
+                prepare_ahead,
+            );
             if outcome == JobOutcome::TimedOut {
                 say_error(trace, &timeout_message(named));
             }
@@ -417,22 +438,46 @@ impl Executor {
         }
         let succeeded = outcome == JobOutcome::Success;
         if !cancel.hard.is_cancelled() && !matches!(outcome, JobOutcome::SystemFailure(_)) {
-            let (cache, upload) = if succeeded {
-                (
-                    HelperStageKind::ArchiveCache,
-                    HelperStageKind::UploadArtifactsOnSuccess,
-                )
-            } else {
-                (
-                    HelperStageKind::ArchiveCacheOnFailure,
-                    HelperStageKind::UploadArtifactsOnFailure,
-                )
-            };
             // These run past a graceful cancel and the job's timeout, like after_script.
             let limit = left().max(job.after_script_timeout);
-            if let Some(failed) = self
-                .helper_stages(&stages, &[cache, upload], &stops(false, limit))
-                .await
+            let failed = match ahead {
+                Some(prepared) if succeeded => {
+                    let mut runs = on_success.iter();
+                    let mut failed = match runs.next() {
+                        Some(run) => {
+                            let prepared = std::future::ready(prepared);
+                            self.run_helper(&stages, run, prepared, &stops(false, limit))
+                                .await
+                        }
+                        None => None,
+                    };
+                    if failed.is_none() {
+                        let rest: Vec<HelperStageKind> = runs
+                            .flat_map(|run| run.stages.iter().map(|s| s.kind))
+                            .collect();
+                        failed = self
+                            .helper_stages(&stages, &rest, &stops(false, limit))
+                            .await;
+                    }
+                    failed
+                }
+                _ => {
+                    let kinds = if succeeded {
+                        [
+                            HelperStageKind::ArchiveCache,
+                            HelperStageKind::UploadArtifactsOnSuccess,
+                        ]
+                    } else {
+                        [
+                            HelperStageKind::ArchiveCacheOnFailure,
+                            HelperStageKind::UploadArtifactsOnFailure,
+                        ]
+                    };
+                    self.helper_stages(&stages, &kinds, &stops(false, limit))
+                        .await
+                }
+            };
+            if let Some(failed) = failed
                 && succeeded
             {
                 outcome = failed;
@@ -661,9 +706,8 @@ impl Executor {
         trace(b"\n");
     }
 
-    /// The helper stages of `kinds` the plan has work for, in order: in one container when
-    /// the helper can run several, else one container each. `Some(outcome)` when one fails
-    /// the job; the stages after it do not run.
+    /// The helper stages of `kinds` the plan has work for, in order (see [`helper_runs`]).
+    /// `Some(outcome)` when one fails the job; the stages after it do not run.
     async fn helper_stages(
         &self,
         stages: &HelperStages<'_>,
@@ -671,112 +715,115 @@ impl Executor {
         stops: &Stops<'_>,
     ) -> Option<JobOutcome> {
         let plan = stages.job.helper.as_ref()?;
-        let planned: Vec<&HelperStage> = kinds
-            .iter()
-            .filter_map(|kind| plan.stages.iter().find(|s| s.kind == *kind))
-            .collect();
-        match plan.batch {
-            Some(batch) if planned.len() > 1 => {
-                self.run_helper(stages, plan, &planned, Some(batch), stops)
-                    .await
-            }
-            _ => {
-                for stage in planned {
-                    if let Some(failed) = self.run_helper(stages, plan, &[stage], None, stops).await
-                    {
-                        return Some(failed);
-                    }
-                }
-                None
+        for run in helper_runs(plan, kinds) {
+            let prepared = self.prepare_helper(stages, plan, &run);
+            if let Some(failed) = self.run_helper(stages, &run, prepared, stops).await {
+                return Some(failed);
             }
         }
+        None
     }
 
-    /// One helper container running `planned` (more than one only with `batch`), each stage
-    /// in its own trace section. `Some(outcome)` when a stage fails the job.
-    async fn run_helper(
+    /// The helper container of `run`, prepared (see [`Executor::prepare_container`]).
+    async fn prepare_helper(
         &self,
         stages: &HelperStages<'_>,
         plan: &HelperPlan,
-        planned: &[&HelperStage],
-        batch: Option<HelperBatch>,
-        stops: &Stops<'_>,
-    ) -> Option<JobOutcome> {
+        run: &HelperRun<'_>,
+    ) -> Result<Prepared, JobOutcome> {
         let HelperStages {
             job,
             config,
             resources,
             trace,
-            sections,
+            ..
         } = *stages;
+        self.ensure_helper_image(plan, config, resources, trace)
+            .await
+            .map_err(JobOutcome::SystemFailure)?;
+        let argv = match run.batch {
+            Some(batch) => (batch.argv)(&run.stages.iter().map(|s| s.kind).collect::<Vec<_>>()),
+            None => run.stages[0].argv.clone(),
+        };
+        let name = run.container(resources);
+        // podfleet's own helper image has a shell to report the exit status with.
+        let cmd = if plan.archive.is_some() {
+            exit_marker::wrap(&argv)
+        } else {
+            argv
+        };
+        let body = ContainerCreateBody {
+            image: Some(plan.image.clone()),
+            cmd: Some(cmd),
+            labels: Some(resources.labels()),
+            working_dir: Some(job.builds_dir.clone()),
+            host_config: Some(HostConfig {
+                binds: Some(resources.binds(job)),
+                // The helper talks to the coordinator, git and cache servers the instance
+                // reaches.
+                network_mode: Some("host".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let job_file = (
+            plan.job_file_path.trim_start_matches('/'),
+            &plan.job_file[..],
+            0o600,
+        );
+        resources.record(&name);
+        self.prepare_container(&name, body, job_file).await
+    }
+
+    /// Runs the helper container of `run`, each stage in its own trace section.
+    /// `Some(outcome)` when a stage fails the job.
+    async fn run_helper(
+        &self,
+        stages: &HelperStages<'_>,
+        run: &HelperRun<'_>,
+        prepared: impl std::future::Future<Output = Result<Prepared, JobOutcome>>,
+        stops: &Stops<'_>,
+    ) -> Option<JobOutcome> {
+        let HelperStages {
+            resources,
+            trace,
+            sections,
+            ..
+        } = *stages;
+        let planned = &run.stages;
         let first = planned.first()?;
         sections.start(first.kind.section(), first.kind.header());
         // Which stage is running: a stage end line moves on to the next.
         let current = std::sync::atomic::AtomicUsize::new(0);
-        let outcome = match self
-            .ensure_helper_image(plan, config, resources, trace)
-            .await
-        {
-            Err(reason) => JobOutcome::SystemFailure(reason),
-            Ok(()) => {
-                let argv = match batch {
-                    Some(batch) => {
-                        (batch.argv)(&planned.iter().map(|s| s.kind).collect::<Vec<_>>())
-                    }
-                    None => first.argv.clone(),
+        let stage_ends = run.batch.map(|batch| StageEnds {
+            marker: batch.stage_end,
+            on_end: Box::new(|code: i32| {
+                let at = current.load(std::sync::atomic::Ordering::SeqCst);
+                let Some(ended) = planned.get(at) else {
+                    return;
                 };
-                let role = first.kind.section().replace('_', "-");
-                let name = resources.container(&role);
-                // podfleet's own helper image has a shell to report the exit status with.
-                let cmd = if plan.archive.is_some() {
-                    exit_marker::wrap(&argv)
-                } else {
-                    argv
-                };
-                let body = ContainerCreateBody {
-                    image: Some(plan.image.clone()),
-                    cmd: Some(cmd),
-                    labels: Some(resources.labels()),
-                    working_dir: Some(job.builds_dir.clone()),
-                    host_config: Some(HostConfig {
-                        binds: Some(resources.binds(job)),
-                        // The helper talks to the coordinator, git and cache servers the
-                        // instance reaches.
-                        network_mode: Some("host".into()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
-                let job_file = (
-                    plan.job_file_path.trim_start_matches('/'),
-                    &plan.job_file[..],
-                    0o600,
-                );
-                let stage_ends = batch.map(|batch| StageEnds {
-                    marker: batch.stage_end,
-                    on_end: Box::new(|code: i32| {
-                        let at = current.load(std::sync::atomic::Ordering::SeqCst);
-                        let Some(ended) = planned.get(at) else {
-                            return;
-                        };
-                        if code != 0 {
-                            say_warning(
-                                trace,
-                                &format!("{} failed with exit code {code}", ended.kind.section()),
-                            );
-                        }
-                        sections.end(ended.kind.section());
-                        if let Some(next) = planned.get(at + 1) {
-                            current.store(at + 1, std::sync::atomic::Ordering::SeqCst);
-                            sections.start(next.kind.section(), next.kind.header());
-                        }
-                    }),
-                });
-                resources.record(&name);
-                self.container_stage(&name, body, job_file, stage_ends, trace, stops)
-                    .await
-            }
-        };
+                if code != 0 {
+                    say_warning(
+                        trace,
+                        &format!("{} failed with exit code {code}", ended.kind.section()),
+                    );
+                }
+                sections.end(ended.kind.section());
+                if let Some(next) = planned.get(at + 1) {
+                    current.store(at + 1, std::sync::atomic::Ordering::SeqCst);
+                    sections.start(next.kind.section(), next.kind.header());
+                }
+            }),
+        });
+        let outcome = self
+            .container_stage(
+                &run.container(resources),
+                prepared,
+                stage_ends,
+                trace,
+                stops,
+            )
+            .await;
         let last = planned[current.load(std::sync::atomic::Ordering::SeqCst)];
         sections.end(last.kind.section());
         match outcome {
@@ -864,6 +911,21 @@ impl Executor {
         trace: &TraceSink,
         stops: &Stops<'_>,
     ) -> JobOutcome {
+        let prepared = self.prepare_user_stage(job, config, resources, role, script);
+        let name = resources.container(role);
+        self.container_stage(&name, prepared, None, trace, stops)
+            .await
+    }
+
+    /// The container of a script stage, prepared (see [`Executor::prepare_container`]).
+    async fn prepare_user_stage(
+        &self,
+        job: &JobSpec,
+        config: &DockerConfig,
+        resources: &JobResources,
+        role: &str,
+        script: String,
+    ) -> Result<Prepared, JobOutcome> {
         let name = resources.container(role);
         let script_path = format!("/podfleet-{role}.sh");
         let body = container_body(job, config, resources, &script_path);
@@ -872,23 +934,25 @@ impl Executor {
         let script = format!("{}{script}", exit_marker::SHELL_TRAP);
         let file = (&script_path[1..], script.as_bytes(), 0o700);
         resources.record(&name);
-        self.container_stage(&name, body, file, None, trace, stops)
-            .await
+        self.prepare_container(&name, body, file).await
     }
 
-    /// Creates the container, uploads its file, starts it and follows it to its exit, a stop
-    /// or its time limit.
+    /// Runs the container `prepared` makes ready (see [`Executor::prepare_container`]): starts
+    /// it and follows it to its exit, a stop or its time limit.
     async fn container_stage(
         &self,
         name: &str,
-        body: ContainerCreateBody,
-        file: (&str, &[u8], u32),
+        prepared: impl std::future::Future<Output = Result<Prepared, JobOutcome>>,
         stage_ends: Option<StageEnds<'_>>,
         trace: &TraceSink,
         stops: &Stops<'_>,
     ) -> JobOutcome {
-        let image = body.image.clone().unwrap_or_default();
-        let run = self.follow_container(name, &image, body, file, stage_ends, trace);
+        let run = async {
+            match prepared.await {
+                Ok(prepared) => self.start_prepared(prepared, stage_ends, trace).await,
+                Err(outcome) => outcome,
+            }
+        };
         tokio::pin!(run);
         let graceful = async {
             if stops.graceful {
@@ -1001,21 +1065,22 @@ impl Executor {
             .await
     }
 
-    async fn follow_container(
+    /// Creates a stage container, puts its file in and attaches to it: ready to start. Podman
+    /// initialises the container (mounts, network, runtime) when attached, so this is most
+    /// of a container's start-up cost, and it can run while an earlier stage still does.
+    async fn prepare_container(
         &self,
         name: &str,
-        image: &str,
         body: ContainerCreateBody,
         file: (&str, &[u8], u32),
-        stage_ends: Option<StageEnds<'_>>,
-        trace: &TraceSink,
-    ) -> JobOutcome {
+    ) -> Result<Prepared, JobOutcome> {
+        let image = body.image.clone().unwrap_or_default();
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
             ..Default::default()
         };
         if let Err(e) = self.docker.create_container(Some(options), body).await {
-            return classify_create_error(image, e);
+            return Err(classify_create_error(&image, e));
         }
         let (path, contents, mode) = file;
         let archive = single_file_tar(path, contents, mode);
@@ -1023,31 +1088,49 @@ impl Executor {
             path: "/".into(),
             ..Default::default()
         };
-        if let Err(e) = self
-            .docker
-            .upload_to_container(name, Some(upload), bollard::body_full(archive.into()))
-            .await
-        {
-            return JobOutcome::SystemFailure(format!("copy the stage's file into {name}: {e}"));
-        }
+        let upload =
+            self.docker
+                .upload_to_container(name, Some(upload), bollard::body_full(archive.into()));
         // Attached before the start, as gitlab-runner does: the attach stream carries all the
         // output and ends when the container exits, so a short script is not held up by the
         // engine polling log files and exit states (Podman's log follow and wait poll every
-        // 250 ms). An engine that refuses the attach gets its log followed instead.
+        // 250 ms). An engine that refuses the attach gets its log followed instead. The file
+        // goes in meanwhile: both only need the container created.
         let attach = AttachContainerOptions {
             stdout: true,
             stderr: true,
             stream: true,
             ..Default::default()
         };
-        let attached = self.docker.attach_container(name, Some(attach)).await;
+        let attach = self.docker.attach_container(name, Some(attach));
+        let (uploaded, attached) = tokio::join!(upload, attach);
+        if let Err(e) = uploaded {
+            return Err(JobOutcome::SystemFailure(format!(
+                "copy the stage's file into {name}: {e}"
+            )));
+        }
+        Ok(Prepared {
+            name: name.to_owned(),
+            attached: attached.map(|attached| attached.output).map_err(|e| {
+                tracing::debug!(container = name, error = %e, "attach refused: following the log");
+            }),
+        })
+    }
+
+    /// Starts a prepared container and follows it to its exit.
+    async fn start_prepared(
+        &self,
+        prepared: Prepared,
+        stage_ends: Option<StageEnds<'_>>,
+        trace: &TraceSink,
+    ) -> JobOutcome {
+        let name = &prepared.name;
         if let Err(e) = self.docker.start_container(name, None).await {
             return JobOutcome::SystemFailure(format!("start container {name}: {e}"));
         }
-        let (stream, attached): (OutputStream, bool) = match attached {
-            Ok(attached) => (attached.output, true),
-            Err(e) => {
-                tracing::debug!(container = name, error = %e, "attach refused: following the log");
+        let (stream, attached): (OutputStream, bool) = match prepared.attached {
+            Ok(output) => (output, true),
+            Err(()) => {
                 let logs = LogsOptions {
                     follow: true,
                     stdout: true,
@@ -1167,6 +1250,48 @@ impl Executor {
             Some(Err(e)) => JobOutcome::SystemFailure(format!("wait for {name}: {e}")),
             None => JobOutcome::SystemFailure(format!("wait for {name}: no answer")),
         }
+    }
+}
+
+/// A stage container created, with its file, and attached: ready to start.
+pub(crate) struct Prepared {
+    name: String,
+    /// The attach stream; `Err` when the engine refused the attach (its log is followed).
+    attached: Result<OutputStream, ()>,
+}
+
+/// The helper containers for the stages of `kinds` the plan has work for, in order: one
+/// for all of them when the helper can run several in a row, else one each.
+fn helper_runs<'p>(plan: &'p HelperPlan, kinds: &[HelperStageKind]) -> Vec<HelperRun<'p>> {
+    let planned: Vec<&HelperStage> = kinds
+        .iter()
+        .filter_map(|kind| plan.stages.iter().find(|s| s.kind == *kind))
+        .collect();
+    match plan.batch {
+        Some(batch) if planned.len() > 1 => vec![HelperRun {
+            stages: planned,
+            batch: Some(batch),
+        }],
+        _ => planned
+            .into_iter()
+            .map(|stage| HelperRun {
+                stages: vec![stage],
+                batch: None,
+            })
+            .collect(),
+    }
+}
+
+/// One helper container: its stages (several only with `batch`).
+struct HelperRun<'p> {
+    stages: Vec<&'p HelperStage>,
+    batch: Option<HelperBatch>,
+}
+
+impl HelperRun<'_> {
+    /// The container's name, after its first stage.
+    fn container(&self, resources: &JobResources) -> String {
+        resources.container(&self.stages[0].kind.section().replace('_', "-"))
     }
 }
 

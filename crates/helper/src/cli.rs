@@ -108,6 +108,10 @@ pub async fn run_stage(stage: Stage, job: &HelperJob, log: &mut dyn Write) -> Re
             .map_err(|error| error.to_string()),
     };
     let _ = std::fs::remove_dir_all(&scratch);
+    // `<project dir>.tmp` too when nothing else is in it (file variables may be).
+    if let Some(tmp) = scratch.parent() {
+        let _ = std::fs::remove_dir(tmp);
+    }
     result
 }
 

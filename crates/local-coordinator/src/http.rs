@@ -107,6 +107,11 @@ async fn verify(State(state): State<SharedState>, body: Bytes) -> Response {
     }
 }
 
+/// How long a job request that finds nothing, and already knows the queue as it is (the
+/// `last_update` it sends, from the `X-GitLab-Last-Update` it was given), is held for the queue to change, as GitLab's long polling does.
+/// Short: a job that becomes ready by time alone (`when: delayed`) is found at the next ask.
+const LONG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn request_job(State(state): State<SharedState>, body: Bytes) -> Response {
     let request: JobRequest = match decode(&body) {
         Ok(request) => request,
@@ -119,7 +124,26 @@ async fn request_job(State(state): State<SharedState>, body: Bytes) -> Response 
         );
     }
     let two_phase = request.info.features.two_phase_job_commit;
-    let outcome = lock(&state).request_job(request.token.expose(), two_phase);
+    let known = request.last_update.clone();
+    let deadline = tokio::time::Instant::now() + LONG_POLL;
+    let outcome = loop {
+        let (outcome, mut changes) = {
+            let mut state = lock(&state);
+            (
+                state.request_job(request.token.expose(), two_phase),
+                state.queue_changes(),
+            )
+        };
+        match &outcome {
+            RequestOutcome::NoJob { last_update } if known.as_deref() == Some(last_update) => {
+                match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => break outcome,
+                }
+            }
+            _ => break outcome,
+        }
+    };
     match outcome {
         RequestOutcome::Job(job) => (StatusCode::CREATED, axum::Json(job)).into_response(),
         RequestOutcome::NoJob { last_update } => {

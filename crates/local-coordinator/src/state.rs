@@ -164,11 +164,18 @@ pub(crate) struct CoordinatorState {
     runners: Vec<RunnerRegistration>,
     next_id: u64,
     queue_salt: u32,
-    queue_tick: u64,
+    /// Counts changes of the job queue (`X-GitLab-Last-Update`); held job requests wait for
+    /// it to change.
+    queue_tick: watch::Sender<u64>,
     canceled: bool,
     finished: bool,
     events: broadcast::Sender<PipelineEvent>,
     report: watch::Sender<Option<PipelineReport>>,
+}
+
+/// The job queue changed: runners holding a job request ask again.
+fn queue_changed(tick: &watch::Sender<u64>) {
+    tick.send_modify(|tick| *tick += 1);
 }
 
 fn runner_can_run(runner: &RunnerRegistration, spec: &JobSpec) -> bool {
@@ -319,7 +326,7 @@ impl CoordinatorState {
             runners,
             next_id,
             queue_salt: rand::random(),
-            queue_tick: 0,
+            queue_tick: watch::Sender::new(0),
             canceled: false,
             finished: false,
             events,
@@ -335,7 +342,12 @@ impl CoordinatorState {
     }
 
     fn queue_value(&self) -> String {
-        format!("{:08x}{:08x}", self.queue_salt, self.queue_tick)
+        format!("{:08x}{:08x}", self.queue_salt, *self.queue_tick.borrow())
+    }
+
+    /// Resolves at the next change of the job queue (or of the pipeline's end).
+    pub(crate) fn queue_changes(&self) -> watch::Receiver<u64> {
+        self.queue_tick.subscribe()
     }
 
     fn runner_index(&self, token: &str) -> Option<usize> {
@@ -391,7 +403,7 @@ impl CoordinatorState {
         job.status = JobStatus::Pending;
         job.runner = Some(runner_index);
         job.token = Some(new_job_token());
-        self.queue_tick += 1;
+        queue_changed(&self.queue_tick);
         if !two_phase {
             self.start_job(job_index);
         }
@@ -540,7 +552,7 @@ impl CoordinatorState {
             job.failure_allowed = false;
             job.trace_reset_requested = false;
             job.artifacts.clear();
-            self.queue_tick += 1;
+            queue_changed(&self.queue_tick);
             let event = PipelineEvent::JobRetried {
                 job_id: old_id,
                 new_job_id: new_id,
@@ -789,7 +801,7 @@ impl CoordinatorState {
                             job.not_before = Some(Instant::now() + delay);
                             job.status = JobStatus::Scheduled;
                         }
-                        self.queue_tick += 1;
+                        queue_changed(&self.queue_tick);
                     }
                 }
             }
@@ -807,6 +819,8 @@ impl CoordinatorState {
             return;
         }
         self.finished = true;
+        // Nothing more will be handed out: held requests are answered now.
+        queue_changed(&self.queue_tick);
         let status = if self.canceled {
             PipelineStatus::Canceled
         } else if self.jobs.iter().any(Job::failed_blocking) {

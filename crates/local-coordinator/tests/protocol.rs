@@ -669,3 +669,43 @@ async fn commit_variables_come_from_the_local_repository() {
     assert_eq!(job.git_info.sha, sha);
     assert_eq!(job.git_info.git_ref, "trunk");
 }
+
+/// A runner that already knows the queue (its `X-GitLab-Last-Update`) is held, as GitLab
+/// long-polls: the next stage's job reaches it as soon as the stage before ends, not at its
+/// next ask.
+#[tokio::test]
+async fn a_request_that_knows_the_queue_is_held_until_the_queue_changes() {
+    let project = tempfile::tempdir().expect("temp dir");
+    let handle = start(
+        "stages: [a, b]\nfirst: { stage: a, script: x }\nsecond: { stage: b, script: x }\n",
+        vec![registration(RUNNER_TOKEN, "runner", &[], true)],
+        project.path(),
+    )
+    .await;
+    let client = client(&handle.url);
+    let first = take_job(&client, RUNNER_TOKEN).await;
+    let mut last_update = None;
+    let offered = client
+        .request_job(RUNNER_TOKEN, &mut last_update)
+        .await
+        .expect("request");
+    assert!(
+        offered.is_none(),
+        "a runner new to the queue is answered at once"
+    );
+    let held = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut last_update = last_update;
+            client.request_job(RUNNER_TOKEN, &mut last_update).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "answered before the queue changed");
+    run_with_trace(&client, &first, b"done\n", JobOutcome::Success).await;
+    let offered = held.await.expect("task").expect("request");
+    assert_eq!(
+        offered.map(|job| job.job_info.name).as_deref(),
+        Some("second")
+    );
+}

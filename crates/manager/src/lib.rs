@@ -131,6 +131,8 @@ pub struct Manager {
     live: watch::Sender<LiveSettings>,
     tokens: RunnerTokens,
     announcer: Announcer,
+    /// Whether jobs a previous manager process left running are carried on.
+    resume_jobs: bool,
 }
 
 /// Tells each runner's autoscaler how many jobs will run at once soon (see
@@ -324,7 +326,16 @@ impl Manager {
             live,
             tokens,
             announcer,
+            resume_jobs: true,
         }
+    }
+
+    /// Jobs a previous manager process left running are not carried on but given up, and
+    /// their instances deleted: for a manager whose coordinator lives and dies with it (an
+    /// earlier `podfleet pipeline`'s is gone).
+    pub fn without_resuming(mut self) -> Self {
+        self.resume_jobs = false;
+        self
     }
 
     /// A handle to announce the jobs coming soon to the runners' autoscalers.
@@ -446,7 +457,11 @@ impl Manager {
                 sessions: session::Sessions::default(),
             });
             // Jobs the previous manager process left running are carried on first.
-            loops.extend(recover::resume_jobs(runner.clone(), concurrent.clone()));
+            loops.extend(recover::resume_jobs(
+                runner.clone(),
+                concurrent.clone(),
+                self.resume_jobs,
+            ));
             loops.push(tokio::spawn(poll_loop(
                 runner,
                 self.tokens.clone(),
@@ -489,9 +504,8 @@ impl Manager {
             watch.abort();
         }
         resize.abort();
-        for scaler in scalers {
-            scaler.shutdown().await;
-        }
+        // Side by side: each group deletes its own instances.
+        futures_util::future::join_all(scalers.iter().map(Autoscaler::shutdown)).await;
     }
 }
 
@@ -630,14 +644,20 @@ impl Poller {
         let mut jobs = tokio::task::JoinSet::new();
         while *self.shutdown.borrow() == Shutdown::Running {
             let check_interval = self.live.borrow().check_interval;
+            // Without a job, the next ask waits for check_interval, or less: for a slot
+            // when that is what was missing (a job that just ended gives its slot back
+            // right after its final update).
+            let mut full: Option<Arc<Semaphore>> = None;
             let got_job = 'poll: {
                 let Some(reservation) = runner.scaler.try_reserve() else {
                     break 'poll false;
                 };
                 let Ok(global) = self.concurrent.clone().try_acquire_owned() else {
+                    full = Some(self.concurrent.clone());
                     break 'poll false;
                 };
                 let Ok(local) = self.runner_slots.clone().try_acquire_owned() else {
+                    full = Some(self.runner_slots.clone());
                     break 'poll false;
                 };
                 let token = self
@@ -657,6 +677,11 @@ impl Poller {
                 if last_update.is_some() {
                     *self.last_update.lock().unwrap_or_else(|e| e.into_inner()) = last_update;
                 }
+                tracing::debug!(
+                    runner = %runner.config.name,
+                    job = answer.as_ref().ok().and_then(Option::as_ref).map(|job| job.id),
+                    "job request answered"
+                );
                 match answer {
                     Ok(Some(payload)) => {
                         let runner = runner.clone();
@@ -676,7 +701,17 @@ impl Poller {
             while jobs.try_join_next().is_some() {}
             if !got_job {
                 let mut shutdown = self.shutdown.clone();
-                let _ = tokio::time::timeout(check_interval, shutdown.changed()).await;
+                let slot = async {
+                    match full {
+                        Some(semaphore) => drop(semaphore.acquire().await),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(check_interval) => {}
+                    _ = shutdown.changed() => {}
+                    () = slot => {}
+                }
             }
         }
         while jobs.join_next().await.is_some() {}

@@ -81,9 +81,12 @@ pub(crate) fn forget_job(runner: &RunnerContext, job_id: u64) {
 
 /// Resumes every job the ledger says was running when the previous manager stopped. Each
 /// takes a `concurrent` permit when one is free (they run in any case: they are running).
+/// Without `resume`, each is given up instead and its instance deleted, with the job's
+/// containers in it.
 pub(crate) fn resume_jobs(
     runner: Arc<RunnerContext>,
     concurrent: Arc<Semaphore>,
+    resume: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let Some(ledger) = runner.scaler.ledger() else {
         return Vec::new();
@@ -105,8 +108,19 @@ pub(crate) fn resume_jobs(
                 continue;
             }
         };
-        tracing::info!(runner = %record.runner, job_id, "resuming a job that ran when the manager stopped");
         let runner = runner.clone();
+        if !resume {
+            tracing::info!(runner = %record.runner, job_id, "giving up a job an earlier run left: its coordinator is gone; its instance is deleted");
+            tasks.push(tokio::spawn(async move {
+                match runner.wait_for_instance(job_id).await {
+                    Ok(acquisition) => runner.scaler.release(&acquisition, false),
+                    Err(_) => runner.scaler.abandon(job_id),
+                }
+                forget_job(&runner, job_id);
+            }));
+            continue;
+        }
+        tracing::info!(runner = %record.runner, job_id, "resuming a job that ran when the manager stopped");
         let permit = concurrent.clone().try_acquire_owned().ok();
         tasks.push(tokio::spawn(async move {
             runner.resume_job(job_id, record).await;

@@ -278,8 +278,12 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     // of the next stage waits for the next ask (gitlab-runner's default is every 3 s).
     config.check_interval = config.check_interval.min(LOCAL_CHECK_INTERVAL);
     let mut runners = Vec::new();
-    for runner in &config.runners {
-        match crate::providers::provider_for(runner).await {
+    // Side by side: each local group starts its own sshd.
+    let providers =
+        futures_util::future::join_all(config.runners.iter().map(crate::providers::provider_for))
+            .await;
+    for (runner, provider) in config.runners.iter().zip(providers) {
+        match provider {
             Ok(provider) => runners.push(RunnerSetup {
                 config: runner.clone(),
                 provider,
@@ -290,7 +294,9 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
             }
         }
     }
-    let manager = Manager::new(config, runners, crate::system_id());
+    // A job an interrupted earlier pipeline left belongs to that pipeline's coordinator,
+    // which is gone.
+    let manager = Manager::new(config, runners, crate::system_id()).without_resuming();
     // The pipeline knows its stages: each runner's autoscaler hears how many of its jobs
     // will start soon, and creates their instances ahead of them.
     let announcer = manager.announcer();

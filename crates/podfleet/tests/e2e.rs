@@ -296,6 +296,48 @@ fn ctrl_c_cancels_running_jobs_runs_their_after_script_and_deletes_instances() {
     assert_nothing_left(dir.path(), group);
 }
 
+/// A pipeline killed outright leaves its instance and its running job on record; the next
+/// pipeline does not try to carry that job on (its coordinator died with the first one): it
+/// deletes the instance, runs its own job and leaves nothing.
+#[test]
+fn a_pipeline_killed_mid_job_is_cleaned_up_by_the_next_one() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let group = "e2ek";
+    let config = config_in(dir.path(), group);
+    let pipeline = Background::start(&data("sleep-pipeline.yml"), &config, &[]);
+    pipeline.wait_for("started sleeping");
+    pipeline.signal(libc::SIGKILL);
+    let _ = pipeline.finish();
+    let left = instance_users(&format!("{group}u"));
+    assert_eq!(left.len(), 1, "the killed pipeline's instance: {left:?}");
+
+    let quick = dir.path().join("quick.yml");
+    std::fs::write(&quick, "quick:\n  script:\n    - echo quick job ran\n").unwrap();
+    let output = podfleet()
+        .args(["pipeline", "--file"])
+        .arg(&quick)
+        .arg("--config")
+        .arg(&config)
+        .env("PODFLEET_LOG", "info")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(0), "{all}");
+    assert!(all.contains("quick job ran"), "{all}");
+    assert!(all.contains("giving up a job an earlier run left"), "{all}");
+    assert!(!all.contains("resuming a job"), "{all}");
+    assert!(!all.contains("trace patch failed"), "{all}");
+    assert!(
+        !instance_users(&format!("{group}u")).contains(&left[0]),
+        "the killed pipeline's instance is still there:\n{all}"
+    );
+    assert_nothing_left(dir.path(), group);
+}
+
 /// An instance that disappears under a running job (every process of its user killed, as
 /// when a cloud deletes the VM) fails that job as a system failure; the manager stays healthy:
 /// the broken instance is replaced (the runner allows one instance), the next job runs on the

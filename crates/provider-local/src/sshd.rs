@@ -137,11 +137,12 @@ impl Sshd {
             unsafe {
                 libc::kill(pid, libc::SIGTERM);
             }
-            for _ in 0..50 {
+            // It exits at once; give it 2.5 s at most.
+            for _ in 0..250 {
                 if !host::pid_alive(pid) {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         let _ = std::fs::remove_file(self.pid_file());
