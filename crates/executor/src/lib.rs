@@ -25,7 +25,7 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, HostConfigCgroupnsModeEnum,
-    NetworkCreateRequest, NetworkingConfig,
+    NetworkCreateRequest, NetworkingConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, ImportImageOptions,
@@ -241,6 +241,9 @@ pub enum ExecutorError {
 #[derive(Clone)]
 pub struct Executor {
     docker: Docker,
+    /// podfleet's own helper image, once seen on the instance: its tag is its content's
+    /// hash, so a later job there need not ask again.
+    helper_seen: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// What a stage run is stopped by.
@@ -258,7 +261,7 @@ impl Executor {
     pub async fn connect(connection: Connection, tunnel: Tunnel) -> Result<Self, ExecutorError> {
         let docker = transport::docker_over_ssh(connection, tunnel)?;
         docker.ping().await?;
-        Ok(Self { docker })
+        Ok(Self::with(docker))
     }
 
     /// An executor over the Docker API on a local unix socket (an instance's engine reached
@@ -266,7 +269,7 @@ impl Executor {
     pub async fn connect_unix(socket: &str) -> Result<Self, ExecutorError> {
         let docker = Docker::connect_with_unix(socket, 600, bollard::API_DEFAULT_VERSION)?;
         docker.ping().await?;
-        Ok(Self { docker })
+        Ok(Self::with(docker))
     }
 
     pub fn docker(&self) -> &Docker {
@@ -283,9 +286,7 @@ impl Executor {
         cancel: Cancellation,
     ) -> JobOutcome {
         let resources = JobResources::new(job);
-        let outcome = self
-            .run_stages(job, config, &resources, &trace, &cancel)
-            .await;
+        let outcome = Box::pin(self.run_stages(job, config, &resources, &trace, &cancel)).await;
         resources.remove(&self.docker).await;
         outcome
     }
@@ -360,9 +361,11 @@ impl Executor {
         // it is removed with the rest.
         let main = stage_script(job, &job.script, None);
         let helper_stops = stops(true, left());
+        // Boxed here and below: the job's future is large, and a debug build polls it on
+        // a small stack.
         let (failed, build) = tokio::join!(
-            self.helper_stages(&stages, &before_script, &helper_stops),
-            self.prepare_user_stage(job, config, resources, "build", main),
+            Box::pin(self.helper_stages(&stages, &before_script, &helper_stops)),
+            Box::pin(self.prepare_user_stage(job, config, resources, "build", main)),
         );
         if let Some(failed) = failed {
             outcome = failed;
@@ -401,8 +404,14 @@ impl Executor {
             };
             let (name, script_stops) = (resources.container("build"), stops(true, limit));
             (outcome, ahead) = tokio::join!(
-                self.container_stage(&name, std::future::ready(build), None, trace, &script_stops),
-                prepare_ahead,
+                Box::pin(self.container_stage(
+                    &name,
+                    std::future::ready(build),
+                    None,
+                    trace,
+                    &script_stops
+                )),
+                Box::pin(prepare_ahead),
             );
             if outcome == JobOutcome::TimedOut {
                 say_error(trace, &timeout_message(named));
@@ -544,7 +553,36 @@ impl Executor {
                 .network_created
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
+        // The named volumes exist before any container names them: stage containers are
+        // created side by side, and Podman's implicit creation of a volume two of them name
+        // at once fails one of them.
+        let build_volume = VolumeCreateRequest {
+            name: Some(resources.volume.clone()),
+            labels: Some(resources.labels()),
+            ..Default::default()
+        };
+        self.ensure_volume(build_volume).await?;
+        if let Some(cache) = &job.cache_volume {
+            let cache_volume = VolumeCreateRequest {
+                name: Some(cache.clone()),
+                ..Default::default()
+            };
+            self.ensure_volume(cache_volume).await?;
+        }
         self.start_services(job, config, resources, trace).await
+    }
+
+    /// Creates a named volume unless it exists.
+    async fn ensure_volume(&self, request: VolumeCreateRequest) -> Result<(), JobOutcome> {
+        let name = request.name.clone().unwrap_or_default();
+        match self.docker.create_volume(request).await {
+            Ok(_) => Ok(()),
+            // Shared (the runner's cache volume), or made by a retried request.
+            Err(e) if e.to_string().contains("already exists") => Ok(()),
+            Err(e) => Err(JobOutcome::SystemFailure(format!(
+                "create volume {name}: {e}"
+            ))),
+        }
     }
 
     /// Starts every service on the job's network, then waits for their TCP ports.
@@ -839,7 +877,15 @@ impl Executor {
         }
     }
 
-    /// The helper image on the instance, checked (and pulled or loaded) once per job.
+    fn with(docker: Docker) -> Self {
+        Self {
+            docker,
+            helper_seen: Arc::default(),
+        }
+    }
+
+    /// The helper image on the instance, checked (and pulled or loaded) once per job, and
+    /// podfleet's own once per instance connection.
     async fn ensure_helper_image(
         &self,
         plan: &HelperPlan,
@@ -851,12 +897,18 @@ impl Executor {
         if resources.helper_ready.load(Ordering::SeqCst) {
             return Ok(());
         }
+        let seen = || {
+            self.helper_seen
+                .lock()
+                .map(|seen| seen.as_deref() == Some(plan.image.as_str()))
+                .unwrap_or(false)
+        };
         let result = match plan.archive {
             None => match pull_policies(&[], config) {
                 Ok(policies) => self.ensure_image(&plan.image, &policies, &[], trace).await,
                 Err(reason) => Err(reason),
             },
-            Some(_) if self.docker.inspect_image(&plan.image).await.is_ok() => Ok(()),
+            Some(_) if seen() || self.docker.inspect_image(&plan.image).await.is_ok() => Ok(()),
             Some(archive) => {
                 say(trace, &format!("Loading helper image {} ...", plan.image));
                 self.load_helper_image(&plan.image, archive).await
@@ -864,6 +916,11 @@ impl Executor {
         };
         if result.is_ok() {
             resources.helper_ready.store(true, Ordering::SeqCst);
+            if plan.archive.is_some()
+                && let Ok(mut seen) = self.helper_seen.lock()
+            {
+                *seen = Some(plan.image.clone());
+            }
         }
         result
     }
@@ -947,13 +1004,12 @@ impl Executor {
         trace: &TraceSink,
         stops: &Stops<'_>,
     ) -> JobOutcome {
-        let run = async {
+        let mut run = Box::pin(async {
             match prepared.await {
                 Ok(prepared) => self.start_prepared(prepared, stage_ends, trace).await,
                 Err(outcome) => outcome,
             }
-        };
-        tokio::pin!(run);
+        });
         let graceful = async {
             if stops.graceful {
                 stops.cancel.graceful.cancelled().await

@@ -95,7 +95,13 @@ fn main() -> ExitCode {
             )
         },
     );
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A job is one deep future (stages, containers, streams); 8 MiB like the main thread,
+    // so an unoptimised build has room too. Only the pages used are ever committed.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(8 << 20)
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("podfleet: cannot start the async runtime: {e}");
