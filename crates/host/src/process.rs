@@ -34,7 +34,9 @@ fn live_process_uid(pid: i32) -> Option<u32> {
 
 /// Kills every process of `uid` until none is left (processes may fork while we kill).
 pub async fn kill_all_processes(uid: u32) -> Result<(), HostError> {
-    for _ in 0..50 {
+    // SIGKILLed processes are gone within milliseconds: look often, for 5 s at most (new
+    // ones a dying process forks are killed on the next look).
+    for _ in 0..500 {
         let pids = processes_of(uid);
         if pids.is_empty() {
             return Ok(());
@@ -46,7 +48,7 @@ pub async fn kill_all_processes(uid: u32) -> Result<(), HostError> {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Err(HostError {
         command: format!("kill processes of uid {uid}"),

@@ -64,6 +64,9 @@ pub struct LocalCoordinatorOptions {
     /// Where artifacts and the source snapshot are kept; a temporary directory, removed
     /// with the handle, when `None`.
     pub state_dir: Option<PathBuf>,
+    /// The repository at `project_dir` as the caller already inspected it (to load the
+    /// pipeline); inspected again when `None`.
+    pub project: Option<Project>,
 }
 
 impl LocalCoordinatorOptions {
@@ -74,6 +77,7 @@ impl LocalCoordinatorOptions {
             job_timeout: Duration::from_secs(60 * 60),
             run_manual: false,
             state_dir: None,
+            project: None,
         }
     }
 }
@@ -133,10 +137,11 @@ impl LocalCoordinator {
             source,
         })?;
         let project_dir = options.project_dir.clone();
+        let inspected = options.project.clone();
         let prepared = tokio::task::spawn_blocking({
             let state_dir = state_dir.clone();
             move || {
-                let project = Project::inspect(&project_dir);
+                let project = inspected.unwrap_or_else(|| Project::inspect(&project_dir));
                 let sources = sources::Sources::prepare(&project, &state_dir);
                 (project, sources)
             }

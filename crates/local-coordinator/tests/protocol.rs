@@ -53,6 +53,7 @@ async fn start(
             job_timeout: Duration::from_secs(900),
             run_manual: false,
             state_dir: None,
+            project: None,
         },
     )
     .await

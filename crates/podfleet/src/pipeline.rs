@@ -262,26 +262,21 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     };
     let mut options = LocalCoordinatorOptions::new(project_dir);
     options.run_manual = args.manual;
-    let coordinator =
-        match LocalCoordinator::start(listener, pipeline, registrations, options).await {
-            Ok(handle) => handle,
-            Err(e) => {
-                eprintln!("podfleet: {e}");
-                return ExitCode::from(EXIT_BAD_INPUT);
-            }
-        };
-    let mut pipeline_events = coordinator.events();
-    for runner in &mut config.runners {
-        runner.url = coordinator.url.clone();
-    }
-    // The embedded coordinator is on 127.0.0.1: asking it often costs nothing, while a job
-    // of the next stage waits for the next ask (gitlab-runner's default is every 3 s).
-    config.check_interval = config.check_interval.min(LOCAL_CHECK_INTERVAL);
+    options.project = Some(project);
+    // Side by side: the coordinator snapshots the working tree while each local group
+    // starts its own sshd.
+    let (coordinator, providers) = tokio::join!(
+        LocalCoordinator::start(listener, pipeline, registrations, options),
+        futures_util::future::join_all(config.runners.iter().map(crate::providers::provider_for)),
+    );
+    let coordinator = match coordinator {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("podfleet: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
     let mut runners = Vec::new();
-    // Side by side: each local group starts its own sshd.
-    let providers =
-        futures_util::future::join_all(config.runners.iter().map(crate::providers::provider_for))
-            .await;
     for (runner, provider) in config.runners.iter().zip(providers) {
         match provider {
             Ok(provider) => runners.push(RunnerSetup {
@@ -294,6 +289,16 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
             }
         }
     }
+    let mut pipeline_events = coordinator.events();
+    for setup in &mut runners {
+        setup.config.url = coordinator.url.clone();
+    }
+    for runner in &mut config.runners {
+        runner.url = coordinator.url.clone();
+    }
+    // The embedded coordinator is on 127.0.0.1: asking it often costs nothing, while a job
+    // of the next stage waits for the next ask (gitlab-runner's default is every 3 s).
+    config.check_interval = config.check_interval.min(LOCAL_CHECK_INTERVAL);
     // A job an interrupted earlier pipeline left belongs to that pipeline's coordinator,
     // which is gone.
     let manager = Manager::new(config, runners, crate::system_id()).without_resuming();
