@@ -285,10 +285,24 @@ impl Executor {
         trace: TraceSink,
         cancel: Cancellation,
     ) -> JobOutcome {
+        let (outcome, leftovers) = self.run_leaving(job, config, trace, cancel).await;
+        leftovers.remove(self).await;
+        outcome
+    }
+
+    /// [`Executor::run`] without the cleanup: the job's outcome is known before its
+    /// containers, volume and network are removed, which [`Leftovers::remove`] does (the
+    /// caller may report the job first).
+    pub async fn run_leaving(
+        &self,
+        job: &JobSpec,
+        config: &DockerConfig,
+        trace: TraceSink,
+        cancel: Cancellation,
+    ) -> (JobOutcome, Leftovers) {
         let resources = JobResources::new(job);
         let outcome = Box::pin(self.run_stages(job, config, &resources, &trace, &cancel)).await;
-        resources.remove(&self.docker).await;
-        outcome
+        (outcome, Leftovers(resources))
     }
 
     async fn run_stages(
@@ -1306,6 +1320,16 @@ impl Executor {
             Some(Err(e)) => JobOutcome::SystemFailure(format!("wait for {name}: {e}")),
             None => JobOutcome::SystemFailure(format!("wait for {name}: no answer")),
         }
+    }
+}
+
+/// What a job left on its instance (containers, build volume, network) until removed.
+pub struct Leftovers(JobResources);
+
+impl Leftovers {
+    /// Removes it all; failures are logged, never the job's.
+    pub async fn remove(self, executor: &Executor) {
+        self.0.remove(&executor.docker).await;
     }
 }
 

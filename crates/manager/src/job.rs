@@ -43,7 +43,14 @@ pub(crate) struct RunnerContext {
 }
 
 impl RunnerContext {
-    pub async fn run_job(&self, payload: JobResponse, reservation: Reservation) {
+    /// Runs a job to its final update. What is left to do on its instance afterwards (its
+    /// containers removed, its SSH session returned) comes back for the caller to run once
+    /// the job's slot of `concurrent`/`limit` is free.
+    pub async fn run_job(
+        &self,
+        payload: JobResponse,
+        reservation: Reservation,
+    ) -> Option<Aftercare> {
         let job_id = payload.id;
         let job_name = payload.job_info.name.clone();
         let _ = self.events.send(ManagerEvent::JobReceived {
@@ -67,7 +74,7 @@ impl RunnerContext {
             tracing::warn!(job_id, error = %e, "accepting the job failed; dropping it");
             self.telemetry
                 .job_finished(job_id, "dropped", "accept_failed");
-            return;
+            return None;
         }
         // What a restarted manager needs to resume the job, before anything of it runs.
         let journal = crate::recover::record_job(self, &payload);
@@ -100,12 +107,13 @@ impl RunnerContext {
             hard: self.cancel.child_token(),
         };
         let remote = watch_remote_graceful(trace.remote_state(), cancel.clone());
-        let (instance, outcome) = self
+        let (instance, outcome, aftercare) = self
             .execute(&payload, sink.clone(), cancel, reservation)
             .await;
         remote.abort();
         self.finish_job(&payload, trace, &masker, &limit, instance, outcome, None)
             .await;
+        aftercare
     }
 
     /// Writes the closing lines, sends the final update, forgets the job's record and
@@ -229,17 +237,18 @@ impl RunnerContext {
         Ok((connection, executor))
     }
 
-    /// Acquires an instance and runs the job on it; returns the instance used.
+    /// Acquires an instance and runs the job on it; returns the instance used, and what is
+    /// left to do there once the job is reported.
     async fn execute(
         &self,
         payload: &JobResponse,
         sink: TraceSink,
         cancel: Cancellation,
         reservation: Reservation,
-    ) -> (Option<String>, JobOutcome) {
+    ) -> (Option<String>, JobOutcome, Option<Aftercare>) {
         let spec = match crate::spec::job_spec(&self.config, payload) {
             Ok(spec) => spec,
-            Err(reason) => return (None, JobOutcome::SystemFailure(reason)),
+            Err(reason) => return (None, JobOutcome::SystemFailure(reason), None),
         };
         let acquire_timeout = self
             .config
@@ -252,10 +261,10 @@ impl RunnerContext {
         let acquisition = tokio::select! {
             acquired = self.scaler.acquire_for(Some(payload.id), acquire_timeout) => match acquired {
                 Ok(acquisition) => acquisition,
-                Err(e) => return (None, JobOutcome::SystemFailure(e.to_string())),
+                Err(e) => return (None, JobOutcome::SystemFailure(e.to_string()), None),
             },
-            _ = cancel.hard.cancelled() => return (None, JobOutcome::Canceled),
-            _ = cancel.graceful.cancelled() => return (None, JobOutcome::Canceled),
+            _ = cancel.hard.cancelled() => return (None, JobOutcome::Canceled, None),
+            _ = cancel.graceful.cancelled() => return (None, JobOutcome::Canceled, None),
         };
         // The slot is held now (or the job failed): the room reserved for it is given back.
         drop(reservation);
@@ -274,14 +283,14 @@ impl RunnerContext {
                 Ok(spec) => spec,
                 Err(reason) => {
                     self.scaler.release(&acquisition, true);
-                    return (Some(instance), JobOutcome::SystemFailure(reason));
+                    return (Some(instance), JobOutcome::SystemFailure(reason), None);
                 }
             };
             self.telemetry.job_phase(payload.id, JobPhase::Running);
             let outcome = engine.run(&acquisition.instance, &spec, sink, cancel).await;
             let healthy = !matches!(outcome, JobOutcome::SystemFailure(_));
             self.scaler.release(&acquisition, healthy);
-            return (Some(instance), outcome);
+            return (Some(instance), outcome, None);
         }
         // The instance this job holds is in service; of the others, the autoscaler knows.
         let in_service = |id: &str| {
@@ -304,7 +313,7 @@ impl RunnerContext {
                     let outcome = JobOutcome::SystemFailure(format!(
                         "instance {instance} unreachable: {reason}"
                     ));
-                    return (Some(instance), outcome);
+                    return (Some(instance), outcome, None);
                 }
             },
         };
@@ -321,7 +330,9 @@ impl RunnerContext {
             ),
         );
         self.telemetry.job_phase(payload.id, JobPhase::Running);
-        let outcome = executor.run(&spec, &self.config.docker, sink, cancel).await;
+        let (outcome, leftovers) = executor
+            .run_leaving(&spec, &self.config.docker, sink, cancel)
+            .await;
         // A system failure replaces the instance only when the instance is what broke
         // (the engine no longer answers), not for a failure of this job's own setup.
         let healthy = match outcome {
@@ -334,19 +345,19 @@ impl RunnerContext {
             }
             _ => true,
         };
-        // The session stays for the instance's next job while the instance stays in service.
-        let max_use_count = self.scaler.settings().limits.max_use_count;
-        let in_service = healthy && (max_use_count == 0 || acquisition.use_number < max_use_count);
-        let to_close = if shared {
-            self.sessions.checkin(&instance, in_service)
-        } else {
-            Some(connection)
-        };
-        if let Some(connection) = to_close {
-            connection.close().await;
-        }
+        // The slot is free for the instance's next job before this one's containers are
+        // removed; an instance leaving service (used up, failed, outdated) is deleted with
+        // them. The session stays for the instance's next job while it stays in service.
         self.scaler.release(&acquisition, healthy);
-        (Some(instance), outcome)
+        let in_service = healthy && self.scaler.in_service(&acquisition.instance);
+        let aftercare = Aftercare {
+            leftovers: in_service.then_some(leftovers),
+            executor,
+            instance: instance.clone(),
+            in_service,
+            connection: (!shared).then_some(connection),
+        };
+        (Some(instance), outcome, Some(aftercare))
     }
 }
 
@@ -504,5 +515,33 @@ mod tests {
                 .contains("Job's log exceeded limit of 10 bytes")
         );
         assert_eq!(limit.admit(b"more"), (&b""[..], None));
+    }
+}
+
+/// What is left of a job on its instance once the job is reported: its containers, volume
+/// and network to remove, then the SSH session to return (kept for the instance's next job)
+/// or close.
+pub(crate) struct Aftercare {
+    /// `None` when the instance leaves service: it is deleted with them.
+    leftovers: Option<podfleet_executor::Leftovers>,
+    executor: Executor,
+    instance: String,
+    in_service: bool,
+    /// The job's own connection; `None` when the session is kept in `sessions`.
+    connection: Option<Connection>,
+}
+
+impl Aftercare {
+    pub(crate) async fn run(self, sessions: &session::Sessions) {
+        if let Some(leftovers) = self.leftovers {
+            leftovers.remove(&self.executor).await;
+        }
+        let to_close = match self.connection {
+            Some(connection) => Some(connection),
+            None => sessions.checkin(&self.instance, self.in_service),
+        };
+        if let Some(connection) = to_close {
+            connection.close().await;
+        }
     }
 }

@@ -686,8 +686,12 @@ impl Poller {
                     Ok(Some(payload)) => {
                         let runner = runner.clone();
                         jobs.spawn(async move {
-                            runner.run_job(payload, reservation).await;
+                            let aftercare = runner.run_job(payload, reservation).await;
+                            // Reported: its slots are free while its leftovers go.
                             drop((global, local));
+                            if let Some(aftercare) = aftercare {
+                                aftercare.run(&runner.sessions).await;
+                            }
                         });
                         true
                     }
