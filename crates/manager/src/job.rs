@@ -483,6 +483,34 @@ pub(crate) fn say(sink: &TraceSink, line: &str) {
     sink(format!("\x1b[0K\x1b[36;1m{line}\x1b[0;m\n").as_bytes());
 }
 
+/// What is left of a job on its instance once the job is reported: its containers, volume
+/// and network to remove, then the SSH session to return (kept for the instance's next job)
+/// or close.
+pub(crate) struct Aftercare {
+    /// `None` when the instance leaves service: it is deleted with them.
+    leftovers: Option<podfleet_executor::Leftovers>,
+    executor: Executor,
+    instance: String,
+    in_service: bool,
+    /// The job's own connection; `None` when the session is kept in `sessions`.
+    connection: Option<Connection>,
+}
+
+impl Aftercare {
+    pub(crate) async fn run(self, sessions: &session::Sessions) {
+        if let Some(leftovers) = self.leftovers {
+            leftovers.remove(&self.executor).await;
+        }
+        let to_close = match self.connection {
+            Some(connection) => Some(connection),
+            None => sessions.checkin(&self.instance, self.in_service),
+        };
+        if let Some(connection) = to_close {
+            connection.close().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,33 +543,5 @@ mod tests {
                 .contains("Job's log exceeded limit of 10 bytes")
         );
         assert_eq!(limit.admit(b"more"), (&b""[..], None));
-    }
-}
-
-/// What is left of a job on its instance once the job is reported: its containers, volume
-/// and network to remove, then the SSH session to return (kept for the instance's next job)
-/// or close.
-pub(crate) struct Aftercare {
-    /// `None` when the instance leaves service: it is deleted with them.
-    leftovers: Option<podfleet_executor::Leftovers>,
-    executor: Executor,
-    instance: String,
-    in_service: bool,
-    /// The job's own connection; `None` when the session is kept in `sessions`.
-    connection: Option<Connection>,
-}
-
-impl Aftercare {
-    pub(crate) async fn run(self, sessions: &session::Sessions) {
-        if let Some(leftovers) = self.leftovers {
-            leftovers.remove(&self.executor).await;
-        }
-        let to_close = match self.connection {
-            Some(connection) => Some(connection),
-            None => sessions.checkin(&self.instance, self.in_service),
-        };
-        if let Some(connection) = to_close {
-            connection.close().await;
-        }
     }
 }
