@@ -56,7 +56,6 @@ pub struct JobSpec {
     /// before_script + script.
     pub script: Vec<String>,
     pub after_script: Vec<String>,
-    pub network_per_build: bool,
     /// The whole job's timeout.
     pub timeout: Duration,
     /// The `script` step's own timeout, when the payload sets one.
@@ -1323,6 +1322,9 @@ impl Executor {
     }
 }
 
+/// The network mode of a job container without services (and no `network_mode`).
+const OWN_NETWORK_STACK: &str = "slirp4netns";
+
 /// What a job left on its instance (containers, build volume, network) until removed.
 pub struct Leftovers(JobResources);
 
@@ -1485,10 +1487,19 @@ fn container_body(
             anonymous.push(volume.clone());
         }
     }
+    // A job with services gets its own network, where they answer by alias. Otherwise each
+    // container gets its own user-mode network stack, rootless Podman's default, which the
+    // Docker-compatible API swaps for its bridge: a container on the bridge costs about
+    // twice as much to start and stop (CNI plugins and iptables run for each).
     let network_mode = if resources.uses_network {
         Some(resources.network.clone())
     } else {
-        config.network_mode.clone()
+        Some(
+            config
+                .network_mode
+                .clone()
+                .unwrap_or_else(|| OWN_NETWORK_STACK.to_owned()),
+        )
     };
     let host_config = HostConfig {
         privileged: Some(config.privileged),
@@ -1629,8 +1640,7 @@ struct JobResources {
     network: String,
     volume: String,
     job_id: u64,
-    /// A per-build network: with `FF_NETWORK_PER_BUILD`, and always when the job has
-    /// services (Podman has no container links).
+    /// A per-build network: when the job has services (Podman has no container links).
     uses_network: bool,
     containers: std::sync::Mutex<Vec<String>>,
     network_created: std::sync::atomic::AtomicBool,
@@ -1646,7 +1656,7 @@ impl JobResources {
             volume: format!("{prefix}-builds"),
             prefix,
             job_id: job.job_id,
-            uses_network: job.network_per_build || !job.services.is_empty(),
+            uses_network: !job.services.is_empty(),
             containers: Default::default(),
             network_created: Default::default(),
             helper_ready: Default::default(),

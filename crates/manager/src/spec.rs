@@ -155,9 +155,10 @@ pub(crate) fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<J
         false,
     );
     let flag = |name: &str| job_flag(payload, name).unwrap_or_else(|| runner.feature_flag(name));
-    let network_per_build = flag("FF_NETWORK_PER_BUILD");
+    // The per-build network exists for jobs with services (see the executor), whatever
+    // FF_NETWORK_PER_BUILD says.
     let has_services = !payload.services.is_empty() || !runner.docker.services.is_empty();
-    if network_per_build || has_services {
+    if has_services {
         set(
             "CI_BUILD_NETWORK_NAME",
             &format!("podfleet-job-{}-network", payload.id),
@@ -183,7 +184,6 @@ pub(crate) fn job_spec(runner: &RunnerConfig, payload: &JobResponse) -> Result<J
         variables,
         script,
         after_script,
-        network_per_build,
         timeout,
         script_timeout,
         after_script_timeout,

@@ -212,7 +212,6 @@ fn job(job_id: u64, script: &[&str]) -> JobSpec {
         variables: vec![variable("CI_JOB_STATUS", "running", false)],
         script: script.iter().map(|s| s.to_string()).collect(),
         after_script: Vec::new(),
-        network_per_build: false,
         timeout: Duration::from_secs(120),
         script_timeout: None,
         after_script_timeout: Duration::from_secs(60),
@@ -257,6 +256,11 @@ fn marker_at(trace: &str, kind: &str, name: &str) -> Option<usize> {
         })
 }
 
+/// A script line printing the container's network interfaces with routes: `eth0` on a
+/// bridge network, `tap0` on its own slirp4netns stack.
+const ROUTE_INTERFACES: &str =
+    "echo \"interfaces=$(tail -n +2 /proc/net/route | cut -f1 | sort -u | tr '\\n' ,)\"";
+
 /// Lines the job itself printed (not the echoed `$ command` lines).
 fn printed(trace: &str, needle: &str) -> bool {
     trace
@@ -284,6 +288,7 @@ async fn stages_services_variables_cancels_and_timeouts_on_rootless_podman() {
             "nc -w 5 db 5432 </dev/null",
             "nc -w 5 localhost__podfleet-test__busybox-expose 5432 </dev/null",
             "nc -w 5 localhost-podfleet-test-busybox-expose 5432 </dev/null",
+            ROUTE_INTERFACES,
         ],
     );
     with_service
@@ -332,6 +337,11 @@ async fn stages_services_variables_cancels_and_timeouts_on_rootless_podman() {
             run.trace
         );
     }
+    check!(
+        printed(&run.trace, "interfaces=eth0,"),
+        "a job with services is on its network (a bridge):\n{}",
+        run.trace
+    );
     check!(
         instance.leftovers(7101).await.is_empty(),
         "left behind by 7101: {:?}",
@@ -391,6 +401,7 @@ async fn stages_services_variables_cancels_and_timeouts_on_rootless_podman() {
             "printf '[%s]\\n' \"$(cat \"$SECRET_FILE\")\"",
             "echo \"path=$SECRET_FILE\"",
             "stat -c 'mode=%a' \"$SECRET_FILE\"",
+            ROUTE_INTERFACES,
         ],
     );
     files.variables.push(variable("HOSTILE", hostile, false));
@@ -413,6 +424,11 @@ async fn stages_services_variables_cancels_and_timeouts_on_rootless_podman() {
     check!(
         !run.trace.lines().any(|l| l == "INJECTED"),
         "injection:\n{}",
+        run.trace
+    );
+    check!(
+        printed(&run.trace, "interfaces=tap0,"),
+        "a job without services has its own network stack (slirp4netns):\n{}",
         run.trace
     );
     check!(

@@ -43,6 +43,8 @@ pub struct LocalProvider {
     changes: Arc<tokio::sync::Notify>,
     /// Serialises useradd/userdel and image archive creation.
     host_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The image archives instances got last, and when they were looked up.
+    archives: Arc<std::sync::Mutex<Option<(Instant, Vec<PathBuf>)>>>,
 }
 
 #[derive(Default)]
@@ -103,6 +105,7 @@ impl LocalProvider {
             generated_key,
             in_flight: Arc::default(),
             changes: Arc::default(),
+            archives: Arc::default(),
             host_lock: HOST_LOCK.clone(),
         })
     }
@@ -154,6 +157,7 @@ impl LocalProvider {
             dir: self.dir.clone(),
             comment: self.marker_comment(),
             host_lock: self.host_lock.clone(),
+            archives: self.archives.clone(),
         }
     }
 }
@@ -224,7 +228,13 @@ struct Creation {
     dir: PathBuf,
     comment: String,
     host_lock: Arc<tokio::sync::Mutex<()>>,
+    archives: Arc<std::sync::Mutex<Option<(Instant, Vec<PathBuf>)>>>,
 }
+
+/// How long the image archives looked up for one instance serve the next ones: a burst of
+/// creations asks root's Podman once, and an image rebuilt on the host reaches instances
+/// created this much later.
+const ARCHIVES_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Creation {
     async fn create(&self, user: &str) -> Result<(), String> {
@@ -336,8 +346,36 @@ impl Creation {
             .map_err(|e| e.to_string())
     }
 
-    /// `podman save` archives of the images instances carry, made once per image id.
+    /// `podman save` archives of the images instances carry, made once per image id (and
+    /// looked up again after [`ARCHIVES_FRESH`]).
     async fn image_archives(&self) -> Result<Vec<PathBuf>, String> {
+        let recent = || {
+            self.archives
+                .lock()
+                .ok()
+                .and_then(|cached| cached.clone())
+                .filter(|(at, archives)| {
+                    at.elapsed() < ARCHIVES_FRESH && archives.iter().all(|a| a.exists())
+                })
+                .map(|(_, archives)| archives)
+        };
+        if let Some(archives) = recent() {
+            return Ok(archives);
+        }
+        let _guard = self.host_lock.lock().await;
+        // A creation that held the lock may have looked them up meanwhile.
+        if let Some(archives) = recent() {
+            return Ok(archives);
+        }
+        let archives = self.look_up_archives().await?;
+        if let Ok(mut cached) = self.archives.lock() {
+            *cached = Some((Instant::now(), archives.clone()));
+        }
+        Ok(archives)
+    }
+
+    /// Asks root's Podman; the caller holds the host lock.
+    async fn look_up_archives(&self) -> Result<Vec<PathBuf>, String> {
         let names = match &self.settings.images {
             Some(names) => names.clone(),
             None => host::run(
@@ -351,7 +389,6 @@ impl Creation {
             .map(str::to_string)
             .collect(),
         };
-        let _guard = self.host_lock.lock().await;
         let mut archives = Vec::new();
         for name in names {
             let id = host::run(
