@@ -44,8 +44,11 @@ pub struct LocalProvider {
     /// Serialises useradd/userdel and image archive creation.
     host_lock: Arc<tokio::sync::Mutex<()>>,
     /// The image archives instances got last, and when they were looked up.
-    archives: Arc<std::sync::Mutex<Option<(Instant, Vec<PathBuf>)>>>,
+    archives: Archives,
 }
+
+/// Image archives looked up for instances, and when (shared by creations).
+type Archives = Arc<std::sync::Mutex<Option<(Instant, Vec<PathBuf>)>>>;
 
 #[derive(Default)]
 struct InFlight {
@@ -228,7 +231,7 @@ struct Creation {
     dir: PathBuf,
     comment: String,
     host_lock: Arc<tokio::sync::Mutex<()>>,
-    archives: Arc<std::sync::Mutex<Option<(Instant, Vec<PathBuf>)>>>,
+    archives: Archives,
 }
 
 /// How long the image archives looked up for one instance serve the next ones: a burst of
