@@ -85,7 +85,7 @@ seconds() { python3 -c 'import sys,time; print(f"{time.monotonic():.6f}")'; }
 run_podfleet() {
   local start end
   start=$(seconds)
-  "$BIN" pipeline >"$WORK/podfleet.log" 2>&1 || { tail -40 "$WORK/podfleet.log"; exit 1; }
+  "$BIN" pipeline </dev/null >"$WORK/podfleet.log" 2>&1 || { tail -40 "$WORK/podfleet.log"; exit 1; }
   end=$(seconds)
   echo "$end - $start" | bc
 }
@@ -93,7 +93,7 @@ run_gcl() {
   local start end
   rm -rf .gitlab-ci-local
   start=$(seconds)
-  "$GCL" --container-executable podman >"$WORK/gcl.log" 2>&1 || { tail -40 "$WORK/gcl.log"; exit 1; }
+  "$GCL" --container-executable podman </dev/null >"$WORK/gcl.log" 2>&1 || { tail -40 "$WORK/gcl.log"; exit 1; }
   end=$(seconds)
   echo "$end - $start" | bc
 }
