@@ -154,15 +154,26 @@ impl Tracked {
     }
 }
 
+/// What a caller that knows its upcoming work (a local pipeline) tells the autoscaler: see
+/// [`Autoscaler::announce`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Announcement {
+    /// Jobs to start soon, beyond those running.
+    pub jobs: usize,
+    /// How many jobs the announcer had seen start when it counted `jobs`.
+    pub started: u64,
+}
+
 struct State {
     settings: ScalerSettings,
     instances: BTreeMap<InstanceId, Tracked>,
     /// When each creation the provider accepted but no listing has shown yet was asked for.
     unlisted_creations: Vec<Instant>,
     waiting: usize,
-    /// Jobs the caller expects to start soon, beyond those running (see
-    /// [`Autoscaler::announce`]).
-    announced: usize,
+    /// The caller's last word on the jobs to start soon (see [`Autoscaler::announce`]).
+    announced: Announcement,
+    /// Jobs that took a slot since the start.
+    started: u64,
     /// Jobs the manager may be about to receive or is preparing (see [`Reservation`]).
     reserved: usize,
     synced_once: bool,
@@ -181,6 +192,15 @@ struct State {
 }
 
 impl State {
+    /// The announced jobs not yet started: the announcement less the jobs that took a slot
+    /// beyond those its announcer had counted.
+    fn announced_jobs(&self) -> usize {
+        let since = self.started.saturating_sub(self.announced.started);
+        self.announced
+            .jobs
+            .saturating_sub(usize::try_from(since).unwrap_or(usize::MAX))
+    }
+
     fn creation_failed(&mut self, now: Instant) {
         self.consecutive_failures += 1;
         let threshold = self.settings.failure_threshold.max(1);
@@ -335,7 +355,8 @@ impl Autoscaler {
                 instances: BTreeMap::new(),
                 unlisted_creations: Vec::new(),
                 waiting: 0,
-                announced: 0,
+                announced: Announcement::default(),
+                started: 0,
                 reserved: 0,
                 synced_once: false,
                 shutting_down: false,
@@ -474,24 +495,15 @@ impl Autoscaler {
         }
         // Counted out on every exit, also when the caller drops this future (a job
         // canceled while it waits), so the planner never keeps capacity for a ghost.
-        let _waiting = WaitingGuard(self);
+        let mut waiting = WaitingGuard {
+            scaler: self,
+            counted: true,
+        };
         self.inner.wake.notify_one();
         loop {
             let changed = self.inner.changed.notified();
-            if let Some(acquisition) = self.try_take_slot(job) {
-                let mut state = self.inner.lock();
-                // An announced job that starts is no longer to come: the capacity kept for it
-                // is in use (the next announcement, if any, says it again).
-                state.announced = state.announced.saturating_sub(1);
-                state.metrics.acquisitions += 1;
-                state
-                    .metrics
-                    .queue_wait_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                break Ok(acquisition);
-            }
-            if self.inner.lock().shutting_down {
-                break Err(AcquireError::ShuttingDown);
+            if let Some(ended) = self.try_acquire(&mut waiting, job, started) {
+                break ended;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 self.inner.lock().metrics.acquisition_timeouts += 1;
@@ -500,8 +512,36 @@ impl Autoscaler {
         }
     }
 
-    fn try_take_slot(&self, job: Option<u64>) -> Option<Acquisition> {
+    /// One attempt of [`Autoscaler::acquire_for`]: a slot, the end of the wait, or `None`
+    /// to wait for a change.
+    fn try_acquire(
+        &self,
+        waiting: &mut WaitingGuard<'_>,
+        job: Option<u64>,
+        started: tokio::time::Instant,
+    ) -> Option<Result<Acquisition, AcquireError>> {
         let mut state = self.inner.lock();
+        if let Some(acquisition) = self.take_slot(&mut state, job) {
+            // Counted out in the same step as the slot is taken: the planner never sees the
+            // job both waiting and holding its slot (it would create an instance for it).
+            state.waiting = state.waiting.saturating_sub(1);
+            waiting.counted = false;
+            // An announced job that starts is no longer to come: the capacity kept for it is
+            // in use.
+            state.started += 1;
+            state.metrics.acquisitions += 1;
+            state
+                .metrics
+                .queue_wait_seconds
+                .observe(started.elapsed().as_secs_f64());
+            return Some(Ok(acquisition));
+        }
+        state
+            .shutting_down
+            .then_some(Err(AcquireError::ShuttingDown))
+    }
+
+    fn take_slot(&self, state: &mut State, job: Option<u64>) -> Option<Acquisition> {
         let limits = state.settings.limits.clone();
         // Prefer the busiest instance with room, so others can go idle and be removed.
         let (id, tracked) = state
@@ -545,14 +585,15 @@ impl Autoscaler {
         Ok(images)
     }
 
-    /// Announces that about `jobs` jobs will start soon, beyond those running (a local
-    /// pipeline knows its stages in advance): idle capacity is kept for them, on top of the
-    /// policy's, until the announcement changes; each job that takes a slot counts one
-    /// off. Limits hold.
-    pub fn announce(&self, jobs: usize) {
+    /// Announces that about `announcement.jobs` jobs will start soon, beyond those running
+    /// (a local pipeline knows its stages in advance): idle capacity is kept for them, on
+    /// top of the policy's, until the announcement changes. Each job that takes a slot after
+    /// the announcer's count of started jobs counts one off, so an announcement that
+    /// arrives after the job it counted has started keeps nothing for it. Limits hold.
+    pub fn announce(&self, announcement: Announcement) {
         let changed = {
             let mut state = self.inner.lock();
-            std::mem::replace(&mut state.announced, jobs) != jobs
+            std::mem::replace(&mut state.announced, announcement) != announcement
         };
         if changed {
             self.inner.wake.notify_one();
@@ -807,15 +848,20 @@ impl Drop for Reservation {
     }
 }
 
-struct WaitingGuard<'a>(&'a Autoscaler);
+/// A waiting job, counted out when its wait ends without a slot (a timeout, a shutdown, a
+/// caller that stopped waiting).
+struct WaitingGuard<'a> {
+    scaler: &'a Autoscaler,
+    counted: bool,
+}
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
-        {
-            let mut state = self.0.inner.lock();
+        if self.counted {
+            let mut state = self.scaler.inner.lock();
             state.waiting = state.waiting.saturating_sub(1);
         }
-        self.0.inner.wake.notify_one();
+        self.scaler.inner.wake.notify_one();
     }
 }
 
@@ -847,7 +893,7 @@ async fn run_loop(inner: Arc<Inner>) {
                 state.provider_failures = 0;
             }
             let expecting = state.waiting > 0
-                || state.announced > 0
+                || state.announced_jobs() > 0
                 || !state.unlisted_creations.is_empty()
                 || state.instances.values().any(|t| {
                     matches!(
@@ -1137,7 +1183,7 @@ fn plan_actions(inner: &Inner, state: &mut State, now: Instant, work: &mut Work)
     // Announced jobs already waiting are counted as waiting.
     policy.idle_count = policy
         .idle_count
-        .max(state.announced.saturating_sub(state.waiting));
+        .max(state.announced_jobs().saturating_sub(state.waiting));
     let actions = planner::plan(&views, state.waiting, &policy, &state.settings.limits, now);
     let breaker_open = state.breaker_open_until.is_some_and(|until| now < until);
     let half_open = state.consecutive_failures >= state.settings.failure_threshold.max(1);

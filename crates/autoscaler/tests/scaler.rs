@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use podfleet_autoscaler::ledger::{InstanceRecord, Ledger, RecordState};
 use podfleet_autoscaler::planner::{Limits, Policy};
 use podfleet_autoscaler::schedule::ScheduledPolicy;
-use podfleet_autoscaler::{Autoscaler, ReadinessCheck, RecoveredJob, ScalerEvent, ScalerSettings};
+use podfleet_autoscaler::{
+    Announcement, Autoscaler, ReadinessCheck, RecoveredJob, ScalerEvent, ScalerSettings,
+};
 use podfleet_provider::{
     ConnectInfo, InstanceId, InstanceImage, InstanceState, Provider, ProviderError, ProviderInfo,
     ProviderInstance,
@@ -497,7 +499,7 @@ async fn reservations_cap_the_jobs_taken_at_the_group_size() {
 async fn announced_jobs_get_their_instances_ahead_within_the_limits() {
     let group = Arc::new(MemoryGroup::default());
     let scaler = Autoscaler::start(group.clone(), always_ready(), settings(0, 3));
-    scaler.announce(5);
+    scaler.announce(announce(5, 0));
     eventually("instances for the announced jobs", || {
         group.get(|s| s.increase_calls.iter().sum::<usize>()) == 3
     })
@@ -510,7 +512,7 @@ async fn announced_jobs_get_their_instances_ahead_within_the_limits() {
     let first = scaler.acquire(Duration::from_secs(60)).await.unwrap();
     let second = scaler.acquire(Duration::from_secs(60)).await.unwrap();
     // Two jobs run and nothing more is coming: no idle capacity is wanted any more.
-    scaler.announce(0);
+    scaler.announce(announce(0, 2));
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(group.get(|s| s.increase_calls.iter().sum::<usize>()), 3);
     scaler.release(&first, true);
@@ -524,7 +526,7 @@ async fn announced_jobs_get_their_instances_ahead_within_the_limits() {
 async fn a_job_taking_a_slot_uses_up_its_announcement() {
     let group = Arc::new(MemoryGroup::default());
     let scaler = Autoscaler::start(group.clone(), always_ready(), settings(0, 3));
-    scaler.announce(1);
+    scaler.announce(announce(1, 0));
     eventually("an instance for the announced job", || scaler.has_room()).await;
     let job = scaler.acquire(Duration::from_secs(60)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -533,8 +535,27 @@ async fn a_job_taking_a_slot_uses_up_its_announcement() {
         [1],
         "one instance for one announced job"
     );
+    // The same count again, made before the job started (the pipeline's view and the
+    // job's start race): still nothing more.
+    scaler.announce(announce(1, 0));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        group.get(|s| s.increase_calls.clone()),
+        [1],
+        "an announcement the started job overtook keeps nothing for it"
+    );
+    // A job announced after that start is a new one: its instance is made ahead of it.
+    scaler.announce(announce(1, 1));
+    eventually("an instance for the next announced job", || {
+        group.get(|s| s.increase_calls.iter().sum::<usize>()) == 2
+    })
+    .await;
     scaler.release(&job, true);
     scaler.shutdown().await;
+}
+
+fn announce(jobs: usize, started: u64) -> Announcement {
+    Announcement { jobs, started }
 }
 
 #[tokio::test(start_paused = true)]

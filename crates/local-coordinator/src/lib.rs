@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 pub use pipeline::{Pipeline, PipelineError, load_pipeline, parse_pipeline, parse_pipeline_with};
 pub use project::Project;
 pub use report::{JobReport, JobStatus, PipelineEvent, PipelineReport, PipelineStatus};
+pub use state::Upcoming;
 
 use http::SharedState;
 use state::{CoordinatorState, Environment};
@@ -245,9 +246,9 @@ impl Handle {
             .expect("wait_for returned only once the report is set")
     }
 
-    /// Per runner description: how many of its jobs will start soon (the widest stage of
-    /// what has not ended, less its jobs running now).
-    pub fn upcoming_jobs(&self) -> Vec<(String, usize)> {
+    /// Per runner: how many of its jobs will start soon (the widest stage of what has not
+    /// ended, less its jobs running now), and how many it was handed so far.
+    pub fn upcoming_jobs(&self) -> Vec<Upcoming> {
         http::lock(&self.state).upcoming_jobs()
     }
 

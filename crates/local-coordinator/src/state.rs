@@ -162,6 +162,8 @@ pub(crate) struct CoordinatorState {
     user_variables: Vec<Variable>,
     jobs: Vec<Job>,
     runners: Vec<RunnerRegistration>,
+    /// Per runner: how many jobs it was handed (retries count again).
+    handed_out: Vec<u64>,
     next_id: u64,
     queue_salt: u32,
     /// Counts changes of the job queue (`X-GitLab-Last-Update`); held job requests wait for
@@ -171,6 +173,16 @@ pub(crate) struct CoordinatorState {
     finished: bool,
     events: broadcast::Sender<PipelineEvent>,
     report: watch::Sender<Option<PipelineReport>>,
+}
+
+/// A runner's jobs to start soon (see [`CoordinatorState::upcoming_jobs`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upcoming {
+    /// The runner's description.
+    pub runner: String,
+    pub jobs: usize,
+    /// How many jobs the runner was handed so far (retries count again).
+    pub handed_out: u64,
 }
 
 /// The job queue changed: runners holding a job request ask again.
@@ -323,6 +335,7 @@ impl CoordinatorState {
             global_variables: pipeline.variables,
             user_variables: pipeline.user_variables,
             jobs,
+            handed_out: vec![0; runners.len()],
             runners,
             next_id,
             queue_salt: rand::random(),
@@ -403,6 +416,7 @@ impl CoordinatorState {
         job.status = JobStatus::Pending;
         job.runner = Some(runner_index);
         job.token = Some(new_job_token());
+        self.handed_out[runner_index] += 1;
         queue_changed(&self.queue_tick);
         if !two_phase {
             self.start_job(job_index);
@@ -628,8 +642,10 @@ impl CoordinatorState {
     /// or can take (a job several runners can take counts for the first), less its jobs
     /// running now. A hint for its autoscaler to create instances ahead of the jobs; the
     /// running jobs are left out because their slots are counted as they are released,
-    /// before this state hears that the job ended.
-    pub(crate) fn upcoming_jobs(&self) -> Vec<(String, usize)> {
+    /// before this state hears that the job ended. Each comes with how many jobs the runner
+    /// was handed so far, so a count that reaches the autoscaler after one of its jobs has
+    /// taken a slot there is not kept for that job again.
+    pub(crate) fn upcoming_jobs(&self) -> Vec<Upcoming> {
         let mut per_stage: Vec<std::collections::HashMap<&str, usize>> =
             vec![std::collections::HashMap::new(); self.runners.len()];
         let mut running = vec![0usize; self.runners.len()];
@@ -651,9 +667,14 @@ impl CoordinatorState {
         self.runners
             .iter()
             .zip(per_stage.into_iter().zip(running))
-            .map(|(runner, (stages, running))| {
+            .zip(&self.handed_out)
+            .map(|((runner, (stages, running)), &handed_out)| {
                 let widest = stages.values().copied().max().unwrap_or(0);
-                (runner.description.clone(), widest.saturating_sub(running))
+                Upcoming {
+                    runner: runner.description.clone(),
+                    jobs: widest.saturating_sub(running),
+                    handed_out,
+                }
             })
             .collect()
     }
@@ -1249,18 +1270,23 @@ mod tests {
             vec![runner("r", &[], true), runner("p", &["pinp"], false)],
         );
         let upcoming = |state: &CoordinatorState| -> Vec<usize> {
+            state.upcoming_jobs().into_iter().map(|u| u.jobs).collect()
+        };
+        let handed_out = |state: &CoordinatorState| -> Vec<u64> {
             state
                 .upcoming_jobs()
                 .into_iter()
-                .map(|(_, jobs)| jobs)
+                .map(|u| u.handed_out)
                 .collect()
         };
         assert_eq!(upcoming(&coordinator), [2, 1]);
+        assert_eq!(handed_out(&coordinator), [0, 0]);
         // build runs: the test stage's two jobs are still to come, one of them on build's slot.
         let RequestOutcome::Job(build) = coordinator.request_job("r", false) else {
             panic!("build is offered");
         };
         assert_eq!(upcoming(&coordinator), [1, 1]);
+        assert_eq!(handed_out(&coordinator), [1, 0]);
         coordinator.update_job(
             build.id,
             build.token.expose(),
@@ -1272,6 +1298,7 @@ mod tests {
         }
         // unit and lint are over; pinp-build (for the other runner) and deploy are left.
         assert_eq!(upcoming(&coordinator), [1, 1]);
+        assert_eq!(handed_out(&coordinator), [3, 0]);
     }
 
     fn statuses(state: &CoordinatorState) -> Vec<(String, &'static str)> {

@@ -25,6 +25,7 @@ use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use job::JobReport;
+pub use podfleet_autoscaler::Announcement;
 pub use telemetry::{StatusReport, Telemetry};
 pub use tokens::RunnerTokens;
 
@@ -139,14 +140,16 @@ pub struct Manager {
 /// [`podfleet_autoscaler::Autoscaler::announce`]); a local pipeline knows its stages.
 #[derive(Clone)]
 pub struct Announcer {
-    runners: Arc<Vec<(String, watch::Sender<usize>)>>,
+    runners: Arc<Vec<(String, watch::Sender<Announcement>)>>,
 }
 
 impl Announcer {
-    /// `jobs` for the runner named `runner` (unknown names are ignored).
-    pub fn announce(&self, runner: &str, jobs: usize) {
+    /// `announcement` for the runner named `runner` (unknown names are ignored).
+    pub fn announce(&self, runner: &str, announcement: Announcement) {
         if let Some((_, sender)) = self.runners.iter().find(|(name, _)| name == runner) {
-            sender.send_if_modified(|announced| std::mem::replace(announced, jobs) != jobs);
+            sender.send_if_modified(|announced| {
+                std::mem::replace(announced, announcement) != announcement
+            });
         }
     }
 
@@ -312,7 +315,10 @@ impl Manager {
             runners: Arc::new(
                 runners
                     .iter()
-                    .map(|setup| (setup.config.name.clone(), watch::channel(0).0))
+                    .map(|setup| {
+                        let (sender, _) = watch::channel(Announcement::default());
+                        (setup.config.name.clone(), sender)
+                    })
                     .collect(),
             ),
         };

@@ -19,7 +19,7 @@ use podfleet_local_coordinator::{
     JobStatus, LocalCoordinator, LocalCoordinatorOptions, PipelineEvent, PipelineReport,
     PipelineStatus, Project, RunnerRegistration,
 };
-use podfleet_manager::{Manager, ManagerEvent, RunnerSetup, Shutdown};
+use podfleet_manager::{Announcement, Manager, ManagerEvent, RunnerSetup, Shutdown};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -306,8 +306,12 @@ pub async fn run(args: PipelineArgs) -> ExitCode {
     // will start soon, and creates their instances ahead of them.
     let announcer = manager.announcer();
     let announce = |coordinator: &podfleet_local_coordinator::Handle| {
-        for (runner, jobs) in coordinator.upcoming_jobs() {
-            announcer.announce(&runner, jobs);
+        for upcoming in coordinator.upcoming_jobs() {
+            let announcement = Announcement {
+                jobs: upcoming.jobs,
+                started: upcoming.handed_out,
+            };
+            announcer.announce(&upcoming.runner, announcement);
         }
     };
     announce(&coordinator);
