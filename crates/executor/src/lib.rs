@@ -568,9 +568,9 @@ impl Executor {
                 .network_created
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        // The named volumes exist before any container names them: stage containers are
-        // created side by side, and Podman's implicit creation of a volume two of them name
-        // at once fails one of them.
+        // The named volumes exist before any container names them: Podman's implicit
+        // creation of a volume that two containers name at once (the runner's cache volume,
+        // for two jobs on one instance over their own connections) fails one of them.
         let build_volume = VolumeCreateRequest {
             name: Some(resources.volume.clone()),
             labels: Some(resources.labels()),

@@ -108,8 +108,9 @@ async fn verify(State(state): State<SharedState>, body: Bytes) -> Response {
 }
 
 /// How long a job request that finds nothing, and already knows the queue as it is (the
-/// `last_update` it sends, from the `X-GitLab-Last-Update` it was given), is held for the queue to change, as GitLab's long polling does.
-/// Short: a job that becomes ready by time alone (`when: delayed`) is found at the next ask.
+/// `last_update` it sends, from the `X-GitLab-Last-Update` it was given), is held for the
+/// queue to change, as GitLab's long polling does. Short: a job that becomes ready by time
+/// alone (`when: delayed`) is found at the next ask.
 const LONG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn request_job(State(state): State<SharedState>, body: Bytes) -> Response {
